@@ -1,0 +1,1 @@
+"""The dispatcher: problem description, capabilities, registry, policy and selection."""

@@ -1,0 +1,11 @@
+"""The built-in plugin: registers flashdispatch's own backends, exactly as a third-party plugin would."""
+
+from ..backends.reference import ReferenceBackend
+from ..backends.sdpa import CudnnBackend, EfficientBackend, FlashBackend, MathBackend
+from ..backends.tiled import TiledBackend
+from .hookspecs import hookimpl
+
+
+@hookimpl
+def flashdispatch_backends():
+    return [ReferenceBackend(), TiledBackend(), FlashBackend(), CudnnBackend(), EfficientBackend(), MathBackend()]

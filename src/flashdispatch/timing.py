@@ -1,0 +1,44 @@
+"""Timing on the device: the median of repeated runs, measured with CUDA events on GPUs.
+
+Used by autotuning and by the benchmarks, so that both measure the same way.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2
+
+
+def median_time(fn, device, warmup: int = 3, repeats: int = 20, flush_l2: bool = True) -> float:
+    """Median seconds of `fn()` over `repeats` runs after `warmup` runs.
+
+    On a GPU each run is timed by CUDA events around the call alone; with `flush_l2`, a buffer
+    larger than the L2 cache is overwritten before each run, so inputs are read from memory as
+    they would be in a model, not from a warm cache.
+    """
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if flush_l2 else None
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    torch.cuda.synchronize(device)
+    for start, end in zip(starts, ends):
+        if flush is not None:
+            flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
