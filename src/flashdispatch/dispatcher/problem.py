@@ -47,6 +47,7 @@ class Problem:
     needs_grad: bool = False
     return_lse: bool = False
     deterministic: bool = False
+    mask_dropped: bool = False  # a causal mask or window was given that hides no key, so it was dropped
 
     @property
     def varlen(self) -> bool:
@@ -88,6 +89,8 @@ class Problem:
             parts.append("causal")
         if self.has_window:
             parts.append(f"window=({self.window_left},{self.window_right})")
+        if self.mask_dropped:
+            parts.append("(mask hides no key: dropped)")
         if self.softcap:
             parts.append(f"softcap={self.softcap:g}")
         if self.needs_grad:
@@ -252,6 +255,13 @@ def build_problem(
         total_q, total_k = batch * seqlen_q, batch * seqlen_k
         score_elements = batch * heads_q * seqlen_q * seqlen_k
 
+    # A mask that hides no key (causal decoding with one query, a window wider than the sequences)
+    # is no mask: dropping it lets kernels whose causal alignment differs (top-left) run the problem.
+    mask_dropped = (window_left >= 0 or window_right >= 0) and (
+        (window_right < 0 or window_right >= seqlen_q - 1) and (window_left < 0 or window_left >= seqlen_k - 1))
+    if mask_dropped:
+        causal, window_left, window_right = False, -1, -1
+
     return Problem(
         device_type=q.device.type,
         device_index=q.device.index,
@@ -275,4 +285,5 @@ def build_problem(
         needs_grad=needs_grad,
         return_lse=return_lse,
         deterministic=deterministic,
+        mask_dropped=mask_dropped,
     )
