@@ -60,8 +60,13 @@ def _forced(backend) -> tuple[tuple[str | None, str | None], str]:
         if "," in backend:
             backend = tuple(backend.split(",", 1))
     if isinstance(backend, str):
-        return (backend, None), source
+        backend = (backend, None)
     if isinstance(backend, tuple) and len(backend) == 2 and all(b is None or isinstance(b, str) for b in backend):
+        known = REGISTRY.backends()
+        for name in backend:
+            if name is not None and name not in known:
+                raise ValueError(f"{source} names backend {name!r}, which is not registered; "
+                                 f"expected one of {sorted(known)}")
         return backend, source
     raise ValueError(f"backend must be a backend name or a (forward, backward) pair of names, got {backend!r}")
 
@@ -138,9 +143,11 @@ def attention(
     if not varlen:
         # Hot path: everything that validation and selection depend on, in one hashable key.
         try:
-            key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, causal,
-                   window if window is None else tuple(window), softcap, scale, layout, return_lse, needs_grad,
-                   deterministic, backend, os.environ.get(BACKEND_ENV))
+            # Types too: True == 1 == 1.0 hash alike, but validation tells them apart.
+            key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+                   causal, type(causal), window if window is None else (tuple(window), tuple(map(type, window))),
+                   softcap, type(softcap), scale, type(scale), layout, return_lse, needs_grad, deterministic, backend,
+                   os.environ.get(BACKEND_ENV), max_seqlen_q, max_seqlen_k)
             decision = _decisions.get(key)
         except (AttributeError, TypeError):  # not tensors, or unhashable options: validation explains
             key = None
@@ -151,7 +158,7 @@ def attention(
     else:
         # Variable-length batches are validated every call: the offsets change from batch to batch.
         problem = build_problem(q, k, v, **options, needs_grad=needs_grad, deterministic=deterministic)
-        key = (problem, backend, os.environ.get(BACKEND_ENV))
+        key = (problem, _forced(backend), os.environ.get(BACKEND_ENV))
         decision = _decisions.get(key)
         if decision is None:
             decision = _decide(q, k, v, options, needs_grad, deterministic, backend)

@@ -71,7 +71,7 @@ def attention_math(q, k, v, *, scale, window_left=-1, window_right=-1, softcap=0
         probs = probs * has_key
         lse = lse.masked_fill(~has_key, -math.inf)
     out = probs @ vg  # (B, Hkv, G, Nq, Dv)
-    return out.reshape(batch, heads_q, seqlen_q, -1), lse.reshape(batch, heads_q, seqlen_q)
+    return out.reshape(batch, heads_q, seqlen_q, v.shape[-1]), lse.reshape(batch, heads_q, seqlen_q)
 
 
 class ReferenceBackend(Backend):

@@ -114,10 +114,10 @@ class _Tiles:
         return s, t
 
 
-def _grouped(t: torch.Tensor, heads_kv: int) -> torch.Tensor:
-    """(B, Hq, N, D) -> float32 (B, Hkv, G, N, D): the query heads of a group side by side."""
+def _grouped(t: torch.Tensor, heads_kv: int, dtype=torch.float32) -> torch.Tensor:
+    """(B, Hq, N, D) -> (B, Hkv, G, N, D) in `dtype`: the query heads of a group side by side."""
     batch, heads, seqlen, dim = t.shape
-    return t.float().reshape(batch, heads_kv, heads // heads_kv, seqlen, dim)
+    return t.to(dtype).reshape(batch, heads_kv, heads // heads_kv, seqlen, dim)
 
 
 def tiled_forward(q, k, v, problem: Problem, block_q: int, block_k: int):
@@ -125,17 +125,18 @@ def tiled_forward(q, k, v, problem: Problem, block_q: int, block_k: int):
     batch, heads_q, seqlen_q, _ = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     tiles = _Tiles(problem, seqlen_q, seqlen_k, block_q, block_k)
-    qg = _grouped(q, heads_kv)  # (B, Hkv, G, Nq, D)
-    kf, vf = k.float().unsqueeze(2), v.float().unsqueeze(2)  # (B, Hkv, 1, Nk, D)
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    qg = _grouped(q, heads_kv, cdt)  # (B, Hkv, G, Nq, D)
+    kf, vf = k.to(cdt).unsqueeze(2), v.to(cdt).unsqueeze(2)  # (B, Hkv, 1, Nk, D)
     out = torch.empty(batch, heads_q, seqlen_q, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=q.device)
-    out_g = out.view(batch, heads_kv, -1, seqlen_q, v.shape[-1])
-    lse_g = lse.view(batch, heads_kv, -1, seqlen_q)
+    out_g = out.view(batch, heads_kv, heads_q // heads_kv, seqlen_q, v.shape[-1])
+    lse_g = lse.view(batch, heads_kv, heads_q // heads_kv, seqlen_q)
     for q_start, q_end in tiles.query_blocks():
         qb = qg[..., q_start:q_end, :]
-        row_max = torch.full(qb.shape[:-1] + (1,), -math.inf, device=q.device)  # m
+        row_max = torch.full(qb.shape[:-1] + (1,), -math.inf, dtype=cdt, device=q.device)  # m
         row_sum = torch.zeros_like(row_max)  # l
-        acc = torch.zeros(qb.shape[:-1] + (v.shape[-1],), device=q.device)  # unnormalised output
+        acc = torch.zeros(qb.shape[:-1] + (v.shape[-1],), dtype=cdt, device=q.device)  # unnormalised output
         for k_start, k_end in tiles.key_blocks(q_start, q_end):
             s, _ = tiles.scores(qb, kf[..., k_start:k_end, :], q_start, q_end, k_start, k_end)
             new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
@@ -157,14 +158,15 @@ def tiled_backward(dout, q, k, v, out, lse, problem: Problem, block_q: int, bloc
     batch, heads_q, seqlen_q, _ = q.shape
     heads_kv, seqlen_k = k.shape[1], k.shape[2]
     tiles = _Tiles(problem, seqlen_q, seqlen_k, block_q, block_k)
-    qg, dog = _grouped(q, heads_kv), _grouped(dout, heads_kv)  # (B, Hkv, G, Nq, D)
-    kf, vf = k.float().unsqueeze(2), v.float().unsqueeze(2)  # (B, Hkv, 1, Nk, D)
-    delta = (dout.float() * out.float()).sum(-1).reshape(batch, heads_kv, -1, seqlen_q, 1)
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    qg, dog = _grouped(q, heads_kv, cdt), _grouped(dout, heads_kv, cdt)  # (B, Hkv, G, Nq, D)
+    kf, vf = k.to(cdt).unsqueeze(2), v.to(cdt).unsqueeze(2)  # (B, Hkv, 1, Nk, D)
+    delta = (dout.to(cdt) * out.to(cdt)).sum(-1).reshape(batch, heads_kv, heads_q // heads_kv, seqlen_q, 1)
     # Rows with LSE -inf saw no key: shift them by +inf so that every P entry is exactly 0.
-    lse_g = torch.where(lse == -math.inf, math.inf, lse.float()).reshape(batch, heads_kv, -1, seqlen_q, 1)
+    lse_g = torch.where(lse == -math.inf, math.inf, lse.to(cdt)).reshape(batch, heads_kv, heads_q // heads_kv, seqlen_q, 1)
     dq = torch.zeros_like(qg)
-    dk = torch.zeros(batch, heads_kv, seqlen_k, k.shape[-1], device=q.device)
-    dv = torch.zeros(batch, heads_kv, seqlen_k, v.shape[-1], device=q.device)
+    dk = torch.zeros(batch, heads_kv, seqlen_k, k.shape[-1], dtype=cdt, device=q.device)
+    dv = torch.zeros(batch, heads_kv, seqlen_k, v.shape[-1], dtype=cdt, device=q.device)
     for q_start, q_end in tiles.query_blocks():
         rows = slice(q_start, q_end)
         qb, dob = qg[..., rows, :], dog[..., rows, :]

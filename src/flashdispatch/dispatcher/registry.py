@@ -76,7 +76,8 @@ class Registry:
     def _add(self, plugin, name: str, source: str) -> PluginRecord:
         record = PluginRecord(name, source)
         if name in self._records and self._records[name].error is None:
-            self._fail(record, f"a plugin named {name!r} is already registered")
+            record.error = f"a plugin named {name!r} is already registered"
+            log.warning("flashdispatch plugin %r not added: %s", name, record.error)
             return record
         try:
             self._manager.register(plugin, name=name)
@@ -127,7 +128,8 @@ class Registry:
         name = name or getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin):x}"
         record = self._add(plugin, name, "run time")
         if record.error:
-            del self._records[name]
+            if self._records.get(name) is record:
+                del self._records[name]
             raise ValueError(f"plugin {name!r} was not registered: {record.error}")
         return record
 

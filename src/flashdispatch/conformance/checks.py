@@ -1,0 +1,530 @@
+"""Checking one backend on one case: the exactness rule and the contract's edge cases.
+
+What `check_case` does, in order:
+
+1. Builds q, k, v and dout as views into larger NaN-filled buffers: NaN rows past each sequence's
+   end (dense: past Nq / Nk in the sequence dim; varlen: past the packed total) and NaN columns
+   past the head dim. A backend that reads a single element it does not own turns its output
+   into NaN. The views are not contiguous, so strided inputs are exercised too.
+2. Describes the problem with `build_problem` and asks the backend. A case it refuses is skipped
+   with its own reasons. (A backward case whose backward it refuses but whose forward it runs is
+   checked forward-only, with a note saying why.)
+3. Fills the views with seeded random normal data (never zeros, which hide bugs: 0 * garbage = 0).
+4. Runs the backend's forward, then its backward, inside `poisoned()`: every uninitialised
+   allocation is NaN, so memory a backend forgets to write shows up.
+5. Compares with the float64 reference under FlashAttention's exactness rule (below), and checks
+   the edge cases exactly: rows that see no key give output 0, LSE -inf and dq 0; keys that no
+   query sees get dk = dv = 0; nothing is NaN; the inputs are not modified.
+
+The backward is fed the output and LSE of the *reference* forward, because the contract says any
+backward consumes any forward's state; it is also run once on the backend's own forward (the
+pairing `attention()` uses most), and twice more where the backend declares a deterministic
+backward, which must then be bit-identical.
+
+The exactness rule (FlashAttention's own): for each of out, lse, dq, dk, dv,
+
+    max|backend - reference| <= 2 * max|baseline - reference| + floor
+
+where the reference is `attention_math` in float64 on the same inputs, the baseline is the same
+plain PyTorch math run in the case's dtype (what a user would get without a fused kernel; for
+gradients, the larger error of autograd through it and of FlashAttention-2's backward formula
+from the same saved state, see `oracle.py` for why), and the floor is
+eps(dtype) * max(1, max|reference|). The factor 2 allows a different accumulation
+order; the floor is one unit of rounding at the data's scale (eps is twice the unit roundoff, so
+it covers rounding both the baseline and the backend to the output dtype). Without it a case
+where the baseline happens to be exact (one key: the output is v itself) would demand
+bit-exactness from every backend. LSE has the same rule with the baseline's own LSE, and where
+the reference LSE is -inf the backend's must be exactly -inf.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..backends.base import visible_keys
+from ..dispatcher.capabilities import capabilities
+from ..dispatcher.problem import build_problem
+from .cases import Case
+from .oracle import MathResult, attention_by_math, backward_from_state
+
+RULE_FACTOR = 2.0  # the "2x plain PyTorch math" of the exactness rule
+PAD_ROWS = 3  # NaN rows past each sequence's end
+# NaN columns past the head dim. 8 elements keep every row stride a multiple of 8, the 16-byte
+# alignment fused kernels require of fp16 rows; a backend may insist on that, not on contiguity.
+PAD_COLS = 8
+# On CUDA, this much memory is filled with NaN and handed back to the caching allocator before
+# each call, so that blocks the backend gets from the cache are poisoned too (see `poisoned`).
+CUDA_POISON_BYTES = 256 * 2**20
+CUDA_POISON_SMALL_BLOCKS = 32  # 256 KiB blocks: the allocator's small-block pool (<= 1 MiB)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One application of the exactness rule."""
+
+    name: str  # "out", "lse", "dq", "dk", "dv"; "dq (own forward)" for the backend's own pairing
+    error: float  # max |backend - reference|
+    baseline: float  # max |baseline - reference|
+    floor: float
+
+    @property
+    def tolerance(self) -> float:
+        return RULE_FACTOR * self.baseline + self.floor
+
+    @property
+    def ratio(self) -> float:
+        """error / tolerance: <= 1 passes."""
+        return self.error / self.tolerance
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.tolerance
+
+    def __str__(self) -> str:
+        return (f"{self.name}: max error {self.error:.3g} {'<=' if self.ok else '>'} tolerance {self.tolerance:.3g} "
+                f"(2 x baseline {self.baseline:.3g} + floor {self.floor:.3g})")
+
+
+@dataclass
+class CaseResult:
+    """The outcome of one (backend, case): passed, failed (with `failures`) or skipped (with `reasons`)."""
+
+    backend: str
+    case: Case
+    device: str
+    status: str = "passed"  # "passed", "failed" or "skipped"
+    problem: str = ""  # Problem.describe()
+    reasons: list[str] = field(default_factory=list)  # why the backend refused the case
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. "backward not checked: ..."
+    measurements: list[Measurement] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+    @property
+    def skipped(self) -> bool:
+        return self.status == "skipped"
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
+
+    @property
+    def worst(self) -> Measurement | None:
+        """The measurement closest to (or furthest past) its tolerance."""
+        return max(self.measurements, key=lambda m: m.ratio, default=None)
+
+    def __str__(self) -> str:
+        """One line: status, backend, case, and the first failure or the skip reason."""
+        line = f"{self.status.upper():7} {self.backend} {self.case.id}"
+        if self.failed:
+            first = self.failures[0].splitlines()[0]
+            more = f" (+{len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
+            return f"{line}: {first}{more}"
+        if self.skipped:
+            return f"{line}: {self.reason}"
+        worst = self.worst
+        return f"{line}" + (f" (worst {worst.name} at {worst.ratio:.2f} of its tolerance)" if worst else "")
+
+    def message(self) -> str:
+        """A readable report of this result, with every measured number."""
+        head = f"{self.backend} {self.case.id} on {self.device}: {self.status.upper()}"
+        lines = [head] + ([f"  problem: {self.problem}"] if self.problem else [])
+        if self.skipped:
+            lines.append(f"  skipped: {self.reason}")
+        lines += [f"  FAIL {f}" for f in self.failures]
+        lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  {m}" for m in self.measurements]
+        return "\n".join(lines)
+
+
+class _Failures(list):
+    """Failure messages of one case; `add` returns False so checks can stop early."""
+
+    def add(self, message: str) -> bool:
+        self.append(message)
+        return False
+
+
+# Poisoning
+
+
+def _poison_cuda_cache(device: torch.device) -> None:
+    """Fill blocks of the CUDA caching allocator with 0xFF bytes (NaN in every float dtype) and
+    free them: the backend's next allocations are likely to be served from them."""
+    free, _ = torch.cuda.mem_get_info(device)
+    size = min(CUDA_POISON_BYTES, free // 4)
+    blocks = [torch.full((size,), 255, dtype=torch.uint8, device=device)]
+    blocks += [torch.full((2**18,), 255, dtype=torch.uint8, device=device) for _ in range(CUDA_POISON_SMALL_BLOCKS)]
+    del blocks
+
+
+@contextmanager
+def poisoned(device):
+    """Make every uninitialised allocation NaN while the backend runs.
+
+    `torch.utils.deterministic.fill_uninitialized_memory` fills `torch.empty` and friends with NaN,
+    but only while deterministic algorithms are on; `warn_only=True` keeps the ops' default
+    (possibly nondeterministic) algorithms, so the backend runs the code it runs in production
+    (PyTorch's flash and memory-efficient backward only switch algorithms with warn_only=False),
+    and its warnings are silenced. On CUDA, memory recycled by the caching allocator inside a
+    kernel library is not covered by that flag, so the cache is poisoned first as well.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        _poison_cuda_cache(device)
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"(?s).*determinis")
+            yield
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = was_filling
+
+
+# Inputs
+
+
+@dataclass
+class Inputs:
+    """A case's tensors: views of NaN-padded buffers, in the case's layout."""
+
+    q: torch.Tensor  # (B, Hq, Nq, D) | (B, Nq, Hq, D) | (total_q, Hq, D)
+    k: torch.Tensor  # (B, Hkv, Nk, D) | (B, Nk, Hkv, D) | (total_k, Hkv, D)
+    v: torch.Tensor  # like k, with Dv
+    dout: torch.Tensor  # like q, with Dv
+    cu_seqlens_q: torch.Tensor | None  # int32 (B + 1,) for varlen
+    cu_seqlens_k: torch.Tensor | None
+    buffers: dict[str, torch.Tensor]  # the whole buffers (views and NaN padding), by name
+
+
+def _shape(case: Case, role: str) -> tuple[tuple[int, ...], int]:
+    """(shape, sequence dim) of q, k, v or out (dout) in the case's layout."""
+    heads = case.heads_q if role in ("q", "out") else case.heads_kv
+    dim = case.head_dim if role in ("q", "k") else case.head_dim_v
+    if case.varlen:
+        lengths = case.seqlens_q if role in ("q", "out") else case.seqlens_k
+        return (sum(lengths), heads, dim), 0
+    seqlen = case.seqlen_q if role in ("q", "out") else case.seqlen_k
+    if case.layout == "bhsd":
+        return (case.batch, heads, seqlen, dim), 2
+    return (case.batch, seqlen, heads, dim), 1
+
+
+def padded_view(shape, seq_dim: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(buffer, view): a NaN buffer PAD_ROWS longer in `seq_dim` and PAD_COLS wider in the last dim,
+    and the `shape` view at its start."""
+    big = list(shape)
+    big[seq_dim] += PAD_ROWS
+    big[-1] += PAD_COLS
+    buffer = torch.full(big, math.nan, dtype=dtype, device=device)
+    return buffer, buffer.narrow(seq_dim, 0, shape[seq_dim]).narrow(-1, 0, shape[-1])
+
+
+def make_inputs(case: Case, device) -> Inputs:
+    """NaN buffers and their views for q, k, v and dout; fill them with `fill_inputs`."""
+    views, buffers = {}, {}
+    for name, role in (("q", "q"), ("k", "k"), ("v", "v"), ("dout", "out")):
+        buffers[name], views[name] = padded_view(*_shape(case, role), case.dtype, device)
+    cu_q = cu_k = None
+    if case.varlen:
+        cu_q, cu_k = (torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+                      for lengths in (case.seqlens_q, case.seqlens_k))
+    return Inputs(views["q"], views["k"], views["v"], views["dout"], cu_q, cu_k, buffers)
+
+
+def fill_inputs(inputs: Inputs, case: Case) -> None:
+    """Random normal data from the case's seed, q scaled by `case.q_scale`; padding stays NaN."""
+    generator = torch.Generator(device=inputs.q.device).manual_seed(case.seed)
+    for name, scale in (("q", case.q_scale), ("k", 1.0), ("v", 1.0), ("dout", 1.0)):
+        view = getattr(inputs, name)
+        data = torch.randn(view.shape, generator=generator, device=view.device, dtype=torch.float32)
+        view.copy_(data * scale)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor, so that NaN compares equal to the same NaN."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.detach().view(ints[t.element_size()]) if t.is_floating_point() else t
+
+
+# Expected structure
+
+
+def visibility(case: Case, problem, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_has_key, key_is_seen): bool per query and per key, token-major: (B, Nq) and (B, Nk),
+    or (total_q,) and (total_k,) for varlen."""
+    rows, keys = [], []
+    for seqlen_q, seqlen_k in case.lengths:
+        visible = visible_keys(seqlen_q, seqlen_k, problem.window_left, problem.window_right, device)
+        if visible is None:
+            visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+        rows.append(visible.any(-1))  # a row with no key (none visible, or Nk = 0) is False
+        keys.append(visible.any(0))
+    if case.varlen:
+        return torch.cat(rows), torch.cat(keys)
+    return torch.stack(rows), torch.stack(keys)
+
+
+def token_major(t: torch.Tensor, layout: str, lse: bool = False) -> torch.Tensor:
+    """A view with tokens first: (B, N, H, D) or (total, H, D); LSE (B, N, H) or (total, H)."""
+    if lse:
+        return t.transpose(0, 1) if layout == "varlen" else t.transpose(1, 2)
+    return t.transpose(1, 2) if layout == "bhsd" else t
+
+
+# Comparisons
+
+
+def _where(index, shape) -> str:
+    """A flat index as a readable position."""
+    if not shape:
+        return "()"
+    return str(tuple(int(i) for i in torch.unravel_index(torch.tensor(index), tuple(shape))))
+
+
+def _check_tensor(name: str, t, shape, dtype, device, failures: _Failures) -> bool:
+    """The tensor a backend returned has the contract's shape, dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        return failures.add(f"{name}: expected a tensor, got {type(t).__name__}")
+    problems = []
+    if tuple(t.shape) != tuple(shape):
+        problems.append(f"shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.dtype != dtype:
+        problems.append(f"dtype {t.dtype}, expected {dtype}")
+    if t.device != device:
+        problems.append(f"device {t.device}, expected {device}")
+    return failures.add(f"{name}: " + "; ".join(problems)) if problems else True
+
+
+def _compare(name: str, got, ref, baselines, dtype, failures: _Failures, measurements: list) -> None:
+    """Apply the exactness rule to `got` against `ref` (float64); the baseline error is the largest
+    of `baselines`' errors (one tensor, or several plain formulations of the same quantity).
+
+    Positions where the reference is -inf (LSE of rows with no key) are excluded here and must be
+    exactly -inf in `got`.
+    """
+    got, ref = got.double(), ref.double()
+    minus_inf = ref == -math.inf
+    if minus_inf.any():
+        wrong = minus_inf & (got != -math.inf)
+        if wrong.any():
+            first = int(wrong.flatten().nonzero()[0])
+            failures.add(f"{name}: {int(wrong.sum())} rows that see no key are not -inf "
+                         f"(first at {_where(first, got.shape)}: {got.flatten()[first].item()})")
+    compared = ~minus_inf
+    bad = compared & ~torch.isfinite(got)
+    if bad.any():
+        first = int(bad.flatten().nonzero()[0])
+        failures.add(f"{name}: {int(bad.sum())} non-finite values (first at {_where(first, got.shape)}: "
+                     f"{got.flatten()[first].item()})")
+        return
+
+    def max_error(t):
+        diff = torch.where(compared, (t.double() - ref).abs(), 0.0)  # NaN stays NaN: max() is then NaN
+        return diff, (diff.max().item() if diff.numel() else 0.0)
+
+    diff, error = max_error(got)
+    baseline = max(max_error(b)[1] for b in (baselines if isinstance(baselines, (tuple, list)) else [baselines]))
+    magnitude = torch.where(compared, ref.abs(), 0.0).max().item() if ref.numel() else 0.0
+    if not math.isfinite(baseline):
+        failures.add(f"{name}: the baseline (plain math in {dtype}) is not finite on this case, so the rule "
+                     f"cannot be applied: the case is ill-posed for this dtype (a conformance-suite bug)")
+        return
+    measured = Measurement(name, error, baseline, torch.finfo(dtype).eps * max(1.0, magnitude))
+    measurements.append(measured)
+    if not measured.ok:
+        failures.add(f"{measured}; worst at {_where(int(diff.flatten().argmax()), diff.shape)}")
+
+
+def _check_zero(name: str, t, keep, layout: str, failures: _Failures) -> None:
+    """`t` must be exactly 0 at the tokens where `keep` (token-major bool) is False."""
+    masked = token_major(t, layout)[~keep]
+    if masked.numel() and not (masked == 0).all():
+        count = int((masked != 0).any(-1).any(-1).sum()) if masked.dim() > 2 else int((masked != 0).sum())
+        failures.add(f"{name}: {count} of {masked.shape[0]} tokens that must be exactly 0 are not "
+                     f"(largest {masked.double().abs().nan_to_num(math.inf).max().item():.3g}; NaN counts as inf)")
+
+
+def _call(what: str, fn, failures: _Failures, *args):
+    """Call a backend, turning an exception into a failure (None)."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - any exception from a backend that accepted the case is a failure
+        frames = traceback.extract_tb(exc.__traceback__)[-1:]
+        where = f" at {frames[0].filename}:{frames[0].lineno}" if frames else ""
+        failures.add(f"{what} raised {type(exc).__name__}: {exc}{where}")
+        return None
+
+
+def _check_grads(label: str, grads, case: Case, problem, inputs: Inputs, state, ref: MathResult, base: MathResult,
+                 seen: tuple[torch.Tensor, torch.Tensor], failures: _Failures, measurements: list) -> bool:
+    """Shapes, exactness and exact zeros of the (dq, dk, dv) a backward returned from `state`
+    (out, lse); False if they could not be compared."""
+    row_has_key, key_is_seen = seen
+    if not isinstance(grads, (tuple, list)) or len(grads) != 3:
+        return failures.add(f"backward{label} must return (dq, dk, dv), got {type(grads).__name__}")
+    # The second baseline: FlashAttention-2's formula from the same state, in the case's dtype.
+    from_state = backward_from_state(case, problem, inputs, *state, case.dtype)
+    ok = True
+    for i, (name, grad, like) in enumerate(zip(("dq", "dk", "dv"), grads, (inputs.q, inputs.k, inputs.v))):
+        if not _check_tensor(name + label, grad, like.shape, case.dtype, like.device, failures):
+            ok = False
+            continue
+        _compare(name + label, grad, ref.grads[i], (base.grads[i], from_state[i]), case.dtype, failures, measurements)
+        # A row with no visible key has no gradient; a key no query sees gets none either.
+        keep = row_has_key if name == "dq" else key_is_seen
+        _check_zero(f"{name}{label} of {'rows that see no key' if name == 'dq' else 'keys no query sees'}",
+                    grad, keep, case.layout, failures)
+    return ok
+
+
+# The check
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_case(backend, case: Case, device=None) -> CaseResult:
+    """Check `backend` on `case` (see the module docstring); never raises for a backend's fault."""
+    device = torch.device(device) if device is not None else default_device()
+    result = CaseResult(backend=backend.name, case=case, device=str(device))
+    start = time.perf_counter()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        result.status, result.reasons = "skipped", ["no CUDA GPU on this machine"]
+        return result
+    failures = _Failures()
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # The cases are small, and OpenMP threads that spin-wait make small ops a hundred times
+        # slower as soon as the cores are shared (pytest-xdist workers, a busy CI machine).
+        torch.set_num_threads(1)
+    try:
+        _check(backend, case, device, result, failures)
+    except Exception:  # noqa: BLE001 - e.g. a plugin's not_supported_reasons() raising
+        failures.add("the check raised:\n" + traceback.format_exc())
+    finally:
+        torch.set_num_threads(threads)
+    result.failures = list(failures)
+    if result.status != "skipped":
+        result.status = "failed" if failures else "passed"
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _check(backend, case: Case, device: torch.device, result: CaseResult, failures: _Failures) -> None:
+    inputs = make_inputs(case, device)
+    problem = build_problem(
+        inputs.q, inputs.k, inputs.v, causal=case.causal, window=case.window, softcap=case.softcap or None,
+        layout="bhsd" if case.varlen else case.layout, cu_seqlens_q=inputs.cu_seqlens_q,
+        cu_seqlens_k=inputs.cu_seqlens_k, return_lse=True, needs_grad=case.backward)
+    result.problem = problem.describe()
+    caps = capabilities(device)
+
+    backward = case.backward
+    if backward:
+        reasons = list(backend.backward_not_supported_reasons(problem, caps))
+        if reasons:
+            # Still check the forward, which is most of the work, if the backend runs it.
+            forward_problem = replace(problem, needs_grad=False)
+            forward_reasons = list(backend.not_supported_reasons(forward_problem, caps))
+            if forward_reasons:
+                result.status, result.reasons = "skipped", forward_reasons
+                return
+            result.notes.append(f"backward not checked: {'; '.join(reasons)}")
+            problem, backward = forward_problem, False
+    else:
+        reasons = list(backend.not_supported_reasons(problem, caps))
+        if reasons:
+            result.status, result.reasons = "skipped", reasons
+            return
+    if backward != case.backward:
+        case = replace(case, backward=False)
+
+    fill_inputs(inputs, case)
+    ref = attention_by_math(case, problem, inputs, torch.float64)
+    base = attention_by_math(case, problem, inputs, case.dtype)
+    seen = visibility(case, problem, device)
+    row_has_key = seen[0]
+    cu = (inputs.cu_seqlens_q, inputs.cu_seqlens_k)
+    lse_shape = (case.heads_q, problem.total_q) if case.varlen else (case.batch, case.heads_q, case.seqlen_q)
+    measurements = result.measurements
+    snapshot = {name: _bits(buffer).clone() for name, buffer in inputs.buffers.items()}
+
+    # Forward.
+    with poisoned(device):
+        returned = _call("forward", backend.forward, failures, inputs.q, inputs.k, inputs.v, problem, *cu)
+    own = None
+    if returned is not None:
+        if not isinstance(returned, (tuple, list)) or len(returned) != 2:
+            failures.add(f"forward must return (out, lse), got {type(returned).__name__}")
+        else:
+            out, lse = returned
+            out_ok = _check_tensor("out", out, ref.out.shape, case.dtype, device, failures)
+            lse_ok = _check_tensor("lse", lse, lse_shape, torch.float32, device, failures)
+            if out_ok:
+                _compare("out", out, ref.out, base.out, case.dtype, failures, measurements)
+                _check_zero("out of rows that see no key", out, row_has_key, case.layout, failures)
+            if lse_ok:
+                _compare("lse", lse, ref.lse, base.lse, case.dtype, failures, measurements)
+            if not failures:  # a forward that failed is no state to check a backward on
+                own = (out, lse)
+
+    if backward:
+        # The reference forward's state: what `ReferenceBackend.forward` returns (float64 math, out
+        # rounded to the case's dtype, LSE to float32), taken from the suite's own float64 run so
+        # that a bug in the reference backend cannot break every other backend's check. out is
+        # placed in a NaN-padded buffer like every input.
+        ref_lse = ref.lse.float()
+        out_buffer, out_view = padded_view(*_shape(case, "out"), case.dtype, device)
+        out_view.copy_(ref.out)
+        snapshot["reference out"], snapshot["reference lse"] = _bits(out_buffer).clone(), _bits(ref_lse).clone()
+        state = (inputs.dout, inputs.q, inputs.k, inputs.v, out_view, ref_lse, problem, *cu)
+        with poisoned(device):
+            grads = _call("backward", backend.backward, failures, *state)
+        if grads is not None and _check_grads("", grads, case, problem, inputs, (out_view, ref_lse), ref, base, seen,
+                                              failures, measurements) \
+                and backend.support.deterministic_backward:
+            with poisoned(device):
+                again = _call("backward (second run)", backend.backward, failures, *state)
+            if again is not None:
+                for name, first, second in zip(("dq", "dk", "dv"), grads, again):
+                    if not (isinstance(second, torch.Tensor) and second.shape == first.shape
+                            and torch.equal(_bits(first), _bits(second))):
+                        failures.add(f"{name}: a second backward run on the same inputs differs bitwise, but the "
+                                     f"backend declares a deterministic backward")
+        if own is not None:
+            # The pairing attention() uses most: the backend's backward on its own forward's state.
+            with poisoned(device):
+                own_grads = _call("backward on its own forward", backend.backward, failures,
+                                  inputs.dout, inputs.q, inputs.k, inputs.v, *own, problem, *cu)
+            if own_grads is not None:
+                _check_grads(" (own forward)", own_grads, case, problem, inputs, own, ref, base, seen, failures,
+                             measurements)
+        buffers = dict(inputs.buffers, **{"reference out": out_buffer, "reference lse": ref_lse})
+    else:
+        buffers = inputs.buffers
+
+    for name, buffer in buffers.items():
+        if not torch.equal(_bits(buffer), snapshot[name]):
+            failures.add(f"the backend modified its input {name}")
