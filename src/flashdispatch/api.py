@@ -22,8 +22,10 @@ from .timing import median_time
 
 BACKEND_ENV = "FLASHDISPATCH_BACKEND"
 
-# (call signature) -> Decision. Cleared whenever the registry or the policy changes.
+# (call signature) -> Decision. Cleared whenever the registry or the policy changes, and when it
+# reaches MAX_DECISIONS entries (a decoding loop makes a new key each step as its cache grows).
 _decisions: dict = {}
+MAX_DECISIONS = 4096
 
 
 def clear_decisions() -> None:
@@ -58,7 +60,7 @@ def _forced(backend) -> tuple[tuple[str | None, str | None], str]:
         if backend is None:
             return (None, None), ""
         if "," in backend:
-            backend = tuple(backend.split(",", 1))
+            backend = tuple(part.strip() or None for part in backend.split(",", 1))
     if isinstance(backend, str):
         backend = (backend, None)
     if isinstance(backend, tuple) and len(backend) == 2 and all(b is None or isinstance(b, str) for b in backend):
@@ -85,6 +87,12 @@ def _measurer(q, k, v, cu_seqlens_q, cu_seqlens_k):
                                q.device, warmup=1, repeats=5)
 
     return measure
+
+
+def _remember(key, decision) -> None:
+    if len(_decisions) >= MAX_DECISIONS:
+        _decisions.clear()
+    _decisions[key] = decision
 
 
 def _decide(q, k, v, options, needs_grad, deterministic, backend):
@@ -154,7 +162,7 @@ def attention(
         if decision is None:
             decision = _decide(q, k, v, options, needs_grad, deterministic, backend)
             if key is not None:
-                _decisions[key] = decision
+                _remember(key, decision)
     else:
         # Variable-length batches are validated every call: the offsets change from batch to batch.
         problem = build_problem(q, k, v, **options, needs_grad=needs_grad, deterministic=deterministic)
@@ -162,7 +170,7 @@ def attention(
         decision = _decisions.get(key)
         if decision is None:
             decision = _decide(q, k, v, options, needs_grad, deterministic, backend)
-            _decisions[key] = decision
+            _remember(key, decision)
 
     if decision.backward is None:
         out, lse = decision.forward.backend.forward(q, k, v, decision.problem, cu_seqlens_q, cu_seqlens_k)
@@ -171,12 +179,16 @@ def attention(
     return (out, lse) if return_lse else out
 
 
-def explain(q, k, v, *, backend=None, **options) -> Explanation:
+def explain(q, k, v, *, causal=False, window=None, softcap=None, scale=None, layout="bhsd", cu_seqlens_q=None,
+            cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, return_lse=False, backend=None) -> Explanation:
     """Report every registered backend against this call: supported or why not, and which backends
     would run the forward and the backward (as if a gradient were needed), and why.
 
     Takes the same arguments as `attention`; `print()` the result for a table.
     """
+    options = dict(causal=causal, window=window, softcap=softcap, scale=scale, layout=layout,
+                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                   max_seqlen_k=max_seqlen_k, return_lse=return_lse)
     problem = build_problem(q, k, v, **options, needs_grad=True, deterministic=torch.are_deterministic_algorithms_enabled())
     forced, forced_by = _forced(backend)
     measure = _measurer(q, k, v, options.get("cu_seqlens_q"), options.get("cu_seqlens_k"))

@@ -17,6 +17,11 @@ def merge_states(outs, lses):
     """
     if len(outs) != len(lses) or not outs:
         raise ValueError(f"outs and lses must be non-empty and of equal length, got {len(outs)} and {len(lses)}")
+    for i, (out, lse) in enumerate(zip(outs, lses)):
+        if out.shape[:-1] != lse.shape or out.shape != outs[0].shape:
+            raise ValueError(
+                f"outs[{i}] must be (..., N, Dv) with lses[{i}] (..., N), all alike, got {tuple(out.shape)} and "
+                f"{tuple(lse.shape)}; for layout='bshd' outputs pass lse.transpose(1, 2), for packed ones lse.T")
     lse_stack = torch.stack([lse.float() for lse in lses])  # (P, ..., N)
     lse = torch.logsumexp(lse_stack, dim=0)
     finite = torch.where(lse == -math.inf, 0.0, lse)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cases import DEFAULT_DTYPES, HEAD_DIMS, TIERS, Case, cases
-from .checks import CaseResult, Measurement, check_case, default_device, poisoned
+from .checks import CaseResult, Measurement, check_case, default_device, poisoned, resolve_device
 
 ENV_BACKENDS = "FLASHDISPATCH_VERIFY_BACKENDS"
 ENV_DEVICE = "FLASHDISPATCH_VERIFY_DEVICE"
@@ -54,7 +54,7 @@ _DTYPES_BY_NAME = {
 __all__ = [
     "Case", "CaseResult", "DEFAULT_DTYPES", "ENV_BACKENDS", "ENV_DEVICE", "ENV_DTYPES", "ENV_TIER", "HEAD_DIMS",
     "Measurement", "Report", "TIERS", "cases", "check_case", "default_device", "parse_dtypes", "poisoned",
-    "resolve_backends", "run", "settings_from_env",
+    "resolve_backends", "resolve_device", "run", "settings_from_env",
 ]
 
 
@@ -152,7 +152,7 @@ def run(backends=None, device=None, tier: str = "fast", dtypes=None, on_result=N
     """
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} was asked for, but this machine has no CUDA GPU that torch can use")
     dtypes = parse_dtypes(dtypes)

@@ -405,9 +405,17 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device=None) -> torch.device:
+    """`device` as tensors report it: "cuda" becomes "cuda:N" (the current device); None the default."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def check_case(backend, case: Case, device=None) -> CaseResult:
     """Check `backend` on `case` (see the module docstring); never raises for a backend's fault."""
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     result = CaseResult(backend=backend.name, case=case, device=str(device))
     start = time.perf_counter()
     if device.type == "cuda" and not torch.cuda.is_available():

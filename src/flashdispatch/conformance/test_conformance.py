@@ -14,10 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashdispatch.conformance import ENV_DEVICE, cases, check_case, default_device, resolve_backends, settings_from_env
+from flashdispatch.conformance import ENV_DEVICE, cases, check_case, resolve_backends, resolve_device, settings_from_env
 
 SETTINGS = settings_from_env()
-DEVICE = torch.device(SETTINGS["device"]) if SETTINGS["device"] else default_device()
+DEVICE = resolve_device(SETTINGS["device"])
 
 
 def _params():

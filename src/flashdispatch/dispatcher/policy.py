@@ -16,7 +16,9 @@ import yaml
 from .capabilities import Capabilities
 
 DEFAULT_POLICY_FILE = Path(__file__).with_name("default_policy.yaml")
-DIRECTIONS = ("forward", "backward")
+DIRECTIONS = ("forward", "backward", "decode")
+# A forward with at most this many queries per sequence is ranked by "decode" (falling back to "forward").
+DECODE_MAX_SEQLEN_Q = 16
 TOP_LEVEL_KEYS = ("autotune", "rankings")
 WILDCARD = "*"
 
@@ -31,14 +33,19 @@ class Policy:
     fallback: "Policy | None" = field(default=None, repr=False)  # the shipped policy under a user one
 
     def ranking(self, caps: Capabilities, direction: str) -> tuple[list[str], str]:
-        """(names in preference order, "key in source") for this device and direction."""
+        """(names in preference order, "key.direction in source") for this device and direction.
+
+        Under each architecture key, "decode" falls back to that key's "forward": a user's forward
+        ranking for a device outranks the shipped decode ranking of a less specific key.
+        """
         for policy in (self, self.fallback):
             if policy is None:
                 continue
             for key in arch_keys(caps):
-                names = policy.rankings.get(key, {}).get(direction)
-                if names is not None:
-                    return names, f"'{key}' in {policy.source}"
+                for wanted in (direction, "forward") if direction == "decode" else (direction,):
+                    names = policy.rankings.get(key, {}).get(wanted)
+                    if names is not None:
+                        return names, f"{key}.{wanted} in {policy.source}"
         return [WILDCARD], "no ranking (registration order)"
 
 
@@ -80,22 +87,22 @@ def _load_yaml(path: Path) -> dict:
 def parse(data, source: str, fallback: Policy | None = None) -> Policy:
     """Validate a policy mapping; ValueError names the source and the offending key."""
     if not isinstance(data, dict):
-        raise ValueError(f"policy {source} must be a mapping with keys {TOP_LEVEL_KEYS}, got {type(data).__name__}")
+        raise ValueError(f"{source} must be a mapping with keys {TOP_LEVEL_KEYS}, got {type(data).__name__}")
     unknown = set(data) - set(TOP_LEVEL_KEYS)
     if unknown:
-        raise ValueError(f"policy {source}: unknown key(s) {sorted(unknown)}; expected {list(TOP_LEVEL_KEYS)}")
+        raise ValueError(f"{source}: unknown key(s) {sorted(unknown)}; expected {list(TOP_LEVEL_KEYS)}")
     autotune = data.get("autotune", False if fallback is None else fallback.autotune)
     if not isinstance(autotune, bool):
-        raise ValueError(f"policy {source}: autotune must be true or false, got {autotune!r}")
+        raise ValueError(f"{source}: autotune must be true or false, got {autotune!r}")
     rankings = data.get("rankings") or {}
     if not isinstance(rankings, dict):
-        raise ValueError(f"policy {source}: rankings must map architecture keys (sm90, sm8x, cuda, cpu, default) to directions")
+        raise ValueError(f"{source}: rankings must map architecture keys (sm90, sm8x, cuda, cpu, default) to directions")
     for key, directions in rankings.items():
         if not isinstance(directions, dict) or set(directions) - set(DIRECTIONS):
-            raise ValueError(f"policy {source}: rankings.{key} must map 'forward' and/or 'backward' to lists of backend names, got {directions!r}")
+            raise ValueError(f"{source}: rankings.{key} must map 'forward', 'backward' and/or 'decode' to lists of backend names, got {directions!r}")
         for direction, names in directions.items():
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise ValueError(f"policy {source}: rankings.{key}.{direction} must be a list of backend names, got {names!r}")
+                raise ValueError(f"{source}: rankings.{key}.{direction} must be a list of backend names, got {names!r}")
     return Policy(rankings=rankings, autotune=autotune, source=source, fallback=fallback)
 
 

@@ -13,6 +13,7 @@ from importlib.metadata import entry_points
 
 import pluggy
 
+from ..backends.base import Backend
 from ..plugins import builtin, hookspecs
 
 ENTRY_POINT_GROUP = "flashdispatch"
@@ -37,6 +38,8 @@ def _backend_problem(backend) -> str | None:
     for attr in ("support", "forward", "not_supported_reasons", "backward_not_supported_reasons"):
         if not hasattr(backend, attr):
             return f"backend {name!r} has no attribute {attr!r} (subclass flashdispatch.Backend)"
+    if isinstance(backend, Backend) and type(backend).forward is Backend.forward:
+        return f"backend {name!r} does not implement forward()"
     return None
 
 
@@ -134,9 +137,14 @@ class Registry:
         return record
 
     def unregister(self, name: str) -> None:
-        """Remove a plugin, or the plugin that registered the backend `name`."""
+        """Remove the plugin `name` with its backends, or else the one backend `name`."""
         self._load()
-        record = self._records.get(name) or next((r for r in self._records.values() if name in r.backends), None)
+        owner = next((r for r in self._records.values() if name in r.backends), None)
+        if name not in self._records and owner is not None:
+            owner.backends.remove(name)
+            del self._backends[name]
+            return
+        record = self._records.get(name)
         if record is None:
             raise ValueError(f"no plugin or backend named {name!r} is registered")
         plugin = self._manager.get_plugin(record.name)

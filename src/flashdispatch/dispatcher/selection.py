@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..backends.base import Backend
 from ..backends.empty import EMPTY
 from .capabilities import Capabilities
-from .policy import active_policy, order
+from .policy import DECODE_MAX_SEQLEN_Q, active_policy, order
 from .problem import Problem
 from .registry import REGISTRY
 
@@ -70,7 +70,8 @@ def _choose(problem: Problem, caps: Capabilities, direction: str, forced: str | 
                 f"{'; '.join(reasons)}", problem, {forced: reasons})
         return Choice(backend, f"forced by {forced_by}")
     policy = active_policy()
-    names, where = policy.ranking(caps, direction)
+    decoding = direction == "forward" and problem.seqlen_q <= DECODE_MAX_SEQLEN_Q
+    names, where = policy.ranking(caps, "decode" if decoding else direction)
     ranked = order(names, list(registered))
     rejected = {}
     candidates = []
@@ -91,17 +92,22 @@ def _choose(problem: Problem, caps: Capabilities, direction: str, forced: str | 
         table = ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in sorted(times.items(), key=lambda kv: kv[1]))
         return Choice(registered[best], f"measured fastest of {len(candidates)} candidates ({table})")
     best = candidates[0]
-    skipped = f"; {len(rejected)} other ranked backend(s) refuse this problem" if rejected else ""
+    above = [name for name in ranked[: ranked.index(best)] if name in rejected]
+    skipped = f"; ranked above it but refusing: {', '.join(above)}" if above else ""
     return Choice(registered[best], f"policy rank {ranked.index(best) + 1} of {len(ranked)} ({where}){skipped}")
 
 
 def decide(problem: Problem, caps: Capabilities, forced: tuple[str | None, str | None] = (None, None),
            forced_by: str = "", measure=None) -> Decision:
     """Choose the forward (and, when `problem.needs_grad`, the backward) backend."""
-    if problem.is_empty or problem.total_k == 0:
-        return Decision(problem, Choice(EMPTY, "nothing to compute"),
-                        Choice(EMPTY, "nothing to compute") if problem.needs_grad else None)
     forced_forward, forced_backward = forced
+    if problem.is_empty or problem.total_k == 0:
+        # Nothing to compute; a forced backend must still accept the problem.
+        for name, direction in ((forced_forward, "forward"), (forced_backward, "backward")):
+            if name is not None and (direction == "forward" or problem.needs_grad):
+                _choose(problem, caps, direction, name, forced_by)
+        empty = Choice(EMPTY, "nothing to compute (no queries, no keys or no value dims): zeros")
+        return Decision(problem, empty, empty if problem.needs_grad else None)
     forward = _choose(problem, caps, "forward", forced_forward, forced_by, measure)
     backward = None
     if problem.needs_grad:

@@ -16,6 +16,16 @@ def kernel_inputs(tensors, layout: str):
     return views
 
 
+def physical_bnhd(t: torch.Tensor) -> torch.Tensor:
+    """A (B, H, N, D) view whose memory is laid out (B, N, H, D), copying only if it is not already."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def stride_order_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`t` (B, H, N, D) laid out in memory in the same dimension order as `ref` (bhsd or bnhd)."""
+    return physical_bnhd(t) if ref.stride(1) < ref.stride(2) else t.contiguous()
+
+
 def no_dropout_rng(device) -> tuple[torch.Tensor, torch.Tensor]:
     """Philox seed and offset for a backward op: unused without dropout, but the ops take them."""
     zero = torch.zeros((), dtype=torch.int64, device=device)

@@ -2,7 +2,9 @@
 
 Observed on PyTorch 2.11 with cuDNN 9.19 (H100): fp16/bf16 only (float32 returns NaN without an
 error), head dims up to 256 in multiples of 8, native grouped-query attention, v's head dim may
-differ, causal aligned top-left, seqlen_q = seqlen_k = 1 rejected, LSE shaped (B, H, N, 1).
+differ, causal aligned top-left, seqlen_q = seqlen_k = 1 rejected, LSE shaped (B, H, N, 1). cuDNN
+builds an execution plan for each new shape (tens of milliseconds), which is why the shipped policy
+prefers sdpa-flash for decoding, where the key length changes every step.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from ...dispatcher.capabilities import Capabilities
 from ...dispatcher.problem import Problem
 from ..base import Support, from_bhsd
-from ._common import SdpaBackend, kernel_inputs, no_dropout_rng
+from ._common import SdpaBackend, kernel_inputs, no_dropout_rng, stride_order_like
 
 SUPPORT = Support(
     dtypes=(torch.float16, torch.bfloat16),
@@ -52,6 +54,9 @@ class CudnnBackend(SdpaBackend):
 
     def backward(self, dout, q, k, v, out, lse, problem, cu_seqlens_q=None, cu_seqlens_k=None):
         dout, q, k, v, out = kernel_inputs((dout, q, k, v, out), problem.layout)
+        # cuDNN reuses the plan of the first backward call with the same shapes and q/k/v strides,
+        # whatever the strides of out and dout: give them the layout of q, as its forward's out has.
+        out, dout = stride_order_like(out, q), stride_order_like(dout, q)
         seed, offset = no_dropout_rng(q.device)
         grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.contiguous().unsqueeze(-1), seed, offset, None, None, None,

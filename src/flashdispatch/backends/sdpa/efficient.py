@@ -11,7 +11,7 @@ import torch
 
 from ...dispatcher.problem import Problem
 from ..base import Support, from_bhsd
-from ._common import SdpaBackend, kernel_inputs, no_dropout_rng
+from ._common import SdpaBackend, kernel_inputs, no_dropout_rng, physical_bnhd
 
 SUPPORT = Support(
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
@@ -43,6 +43,9 @@ class EfficientBackend(SdpaBackend):
 
     def backward(self, dout, q, k, v, out, lse, problem: Problem, cu_seqlens_q=None, cu_seqlens_k=None):
         dout, q, k, v, out = kernel_inputs((dout, q, k, v, out), problem.layout)
+        # The kernel's backward is only right for `out` laid out (B, N, H, D), as its own forward
+        # writes it; another backend's forward may hand over any layout.
+        out, dout = physical_bnhd(out), physical_bnhd(dout)
         rows = -(-problem.seqlen_q // LSE_ROW_MULTIPLE) * LSE_ROW_MULTIPLE
         padded_lse = lse.new_zeros(lse.shape[:2] + (rows,))
         padded_lse[..., : problem.seqlen_q] = lse
