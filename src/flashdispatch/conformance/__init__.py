@@ -2,7 +2,7 @@
 
 Three ways to run it:
 
-    flashdispatch verify [--backend NAME] [--device cpu|cuda]      # the command line
+    flashdispatch verify [--backend NAME] [--device cpu|cuda] [--tier fast|full]   # command line
 
     pytest --pyargs flashdispatch.conformance                       # pytest, one test per case
 
@@ -12,7 +12,8 @@ Three ways to run it:
 
 Cases are generated from each backend's declared `Support` (see `cases.py`), checked against a
 float64 reference under FlashAttention's exactness rule, with poisoned allocations and NaN
-padding past every sequence's end (see `checks.py`). A case a backend refuses is skipped with the
+padding past every sequence's end (see `checks.py`; float32 inputs have their own tolerance,
+written down and argued in `checks.rule`). A case a backend refuses is skipped with the
 backend's own reasons.
 
 Selection for the pytest front end is by environment variable, because pytest's own options do
@@ -138,6 +139,13 @@ class Report:
         total = {s: sum(1 for r in self.results if r.status == s) for s in ("passed", "failed", "skipped")}
         lines.append(f"{total['passed']} passed, {total['failed']} failed, {total['skipped']} skipped: "
                      f"{'OK' if self.ok else 'FAILED'}")
+        skips = {}  # (backend, reason) -> count: why cases were skipped, in the backends' own words
+        for r in self.results:
+            if r.skipped:
+                skips[(r.backend, r.reason)] = skips.get((r.backend, r.reason), 0) + 1
+        if skips:
+            lines += ["", "skipped, in the backends' words:"]
+            lines += [f"  {name}: {count} x {reason}" for (name, reason), count in skips.items()]
         for r in self.failures:
             lines += ["", r.message()]
         return "\n".join(lines)

@@ -34,12 +34,6 @@ class MathResult:
     grads: tuple | None  # (dq, dk, dv) shaped like q, k, v; None without backward
 
 
-def _empty_sequence(q, v, compute_dtype):
-    """out (1, Hq, 0, Dv) and lse (1, Hq, 0) for a sequence with no queries."""
-    batch, heads_q = q.shape[:2]
-    return q.new_zeros(batch, heads_q, 0, v.shape[-1], dtype=compute_dtype), q.new_zeros(batch, heads_q, 0, dtype=compute_dtype)
-
-
 def attention_by_math(case, problem, inputs, compute_dtype) -> MathResult:
     """`attention_math` with every step in `compute_dtype`; gradients by autograd (varlen: per sequence)."""
     leaves = [t.detach().to(compute_dtype).requires_grad_(case.backward) for t in (inputs.q, inputs.k, inputs.v)]
@@ -52,11 +46,8 @@ def attention_by_math(case, problem, inputs, compute_dtype) -> MathResult:
         else:
             outs, lses = [], []
             for _, sq, sk in sequences(inputs.cu_seqlens_q, inputs.cu_seqlens_k):
-                q, k, v = (packed_to_bhsd(t) for t in (leaves[0][sq], leaves[1][sk], leaves[2][sk]))
-                # attention_math cannot reshape a sequence with no queries (see the suite's report);
-                # its result is empty anyway.
-                seq_out, seq_lse = _empty_sequence(q, v, compute_dtype) if q.shape[2] == 0 \
-                    else attention_math(q, k, v, **options)
+                seq_out, seq_lse = attention_math(
+                    *(packed_to_bhsd(t) for t in (leaves[0][sq], leaves[1][sk], leaves[2][sk])), **options)
                 outs.append(bhsd_to_packed(seq_out))
                 lses.append(seq_lse[0])  # (Hq, n)
             out, lse = torch.cat(outs), torch.cat(lses, dim=-1)
