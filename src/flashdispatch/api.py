@@ -95,8 +95,13 @@ def _remember(key, decision) -> None:
     _decisions[key] = decision
 
 
-def _decide(q, k, v, options, needs_grad, deterministic, backend):
-    problem = build_problem(q, k, v, **options, needs_grad=needs_grad, deterministic=deterministic)
+def _options(causal, window, softcap, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+             return_lse) -> dict:
+    return dict(causal=causal, window=window, softcap=softcap, scale=scale, layout=layout, cu_seqlens_q=cu_seqlens_q,
+                cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, return_lse=return_lse)
+
+
+def _decide(q, k, v, problem, options, backend):
     forced, forced_by = _forced(backend)
     measure = _measurer(q, k, v, options.get("cu_seqlens_q"), options.get("cu_seqlens_k"))
     return decide(problem, capabilities(q.device), forced, forced_by, measure)
@@ -143,12 +148,8 @@ def attention(
     needs_grad = torch.is_grad_enabled() and (
         getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False) or getattr(v, "requires_grad", False))
     deterministic = torch.are_deterministic_algorithms_enabled()
-    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
-    options = dict(causal=causal, window=window, softcap=softcap, scale=scale, layout=layout,
-                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                   max_seqlen_k=max_seqlen_k, return_lse=return_lse)
     decision = None
-    if not varlen:
+    if cu_seqlens_q is None and cu_seqlens_k is None:
         # Hot path: everything that validation and selection depend on, in one hashable key.
         try:
             # Types too: True == 1 == 1.0 hash alike, but validation tells them apart.
@@ -160,16 +161,20 @@ def attention(
         except (AttributeError, TypeError):  # not tensors, or unhashable options: validation explains
             key = None
         if decision is None:
-            decision = _decide(q, k, v, options, needs_grad, deterministic, backend)
+            options = _options(causal, window, softcap, scale, layout, None, None, max_seqlen_q, max_seqlen_k, return_lse)
+            problem = build_problem(q, k, v, **options, needs_grad=needs_grad, deterministic=deterministic)
+            decision = _decide(q, k, v, problem, options, backend)
             if key is not None:
                 _remember(key, decision)
     else:
         # Variable-length batches are validated every call: the offsets change from batch to batch.
+        options = _options(causal, window, softcap, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                           max_seqlen_k, return_lse)
         problem = build_problem(q, k, v, **options, needs_grad=needs_grad, deterministic=deterministic)
         key = (problem, _forced(backend), os.environ.get(BACKEND_ENV))
         decision = _decisions.get(key)
         if decision is None:
-            decision = _decide(q, k, v, options, needs_grad, deterministic, backend)
+            decision = _decide(q, k, v, problem, options, backend)
             _remember(key, decision)
 
     if decision.backward is None:
@@ -186,9 +191,8 @@ def explain(q, k, v, *, causal=False, window=None, softcap=None, scale=None, lay
 
     Takes the same arguments as `attention`; `print()` the result for a table.
     """
-    options = dict(causal=causal, window=window, softcap=softcap, scale=scale, layout=layout,
-                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                   max_seqlen_k=max_seqlen_k, return_lse=return_lse)
+    options = _options(causal, window, softcap, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       return_lse)
     problem = build_problem(q, k, v, **options, needs_grad=True, deterministic=torch.are_deterministic_algorithms_enabled())
     forced, forced_by = _forced(backend)
     measure = _measurer(q, k, v, options.get("cu_seqlens_q"), options.get("cu_seqlens_k"))
