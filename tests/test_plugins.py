@@ -404,3 +404,21 @@ def test_fresh_registry_is_independent_of_the_global_one():
     flashdispatch.register_backend(DoubleMath("test-global-only"))
     assert "test-global-only" not in Registry().backends()
     assert registry_module.REGISTRY.backends()["test-global-only"].name == "test-global-only"
+
+
+def test_unregistering_a_run_time_backend_allows_registering_it_again():
+    from flashdispatch import Backend, Support
+
+    class Once(Backend):
+        name = "test-once"
+        support = Support(dtypes=(torch.float32,))
+
+        def forward(self, q, k, v, problem, cu_seqlens_q=None, cu_seqlens_k=None):
+            raise AssertionError("never run")
+
+    flashdispatch.register_backend(Once())
+    flashdispatch.unregister("test-once")
+    assert "test-once" not in flashdispatch.backends()
+    assert all(r.name != "backend:test-once" for r in flashdispatch.plugins())
+    flashdispatch.register_backend(Once())  # the name is free again
+    flashdispatch.unregister("test-once")

@@ -222,7 +222,8 @@ def register_plugin(plugin, name: str | None = None) -> None:
 
 
 def unregister(name: str) -> None:
-    """Remove a plugin, or the plugin that registered the backend `name`."""
+    """Remove the plugin `name` with its backends, or else the one backend `name` (a run-time
+    plugin left with no backend is removed too, so the backend can be registered again)."""
     REGISTRY.unregister(name)
     clear_decisions()
 

@@ -143,7 +143,9 @@ class Registry:
         if name not in self._records and owner is not None:
             owner.backends.remove(name)
             del self._backends[name]
-            return
+            if owner.backends or owner.source != "run time":
+                return
+            name = owner.name  # a run-time plugin left with no backend goes too
         record = self._records.get(name)
         if record is None:
             raise ValueError(f"no plugin or backend named {name!r} is registered")
