@@ -1,6 +1,7 @@
 """Shared fixtures and helpers for flashdispatch's own tests.
 
-- `gpu`-marked tests are skipped where torch sees no CUDA GPU.
+- `gpu`-marked tests are skipped where torch sees no CUDA GPU; there, TRITON_INTERPRET=1 is set so
+  that the Triton backend's kernels run in Triton's CPU interpreter.
 - Every test starts from the same global state: no FLASHDISPATCH_* variables, the shipped policy,
   an empty decision cache, deterministic algorithms off, and the built-in backends only; whatever a
   test registers is unregistered afterwards.
@@ -12,15 +13,20 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
-import flashdispatch
-from flashdispatch.dispatcher import policy as policy_module
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    # The Triton backend's kernels run in Triton's CPU interpreter where there is no GPU.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import flashdispatch  # noqa: E402
+from flashdispatch.dispatcher import policy as policy_module  # noqa: E402
 
 ENV_VARS = ("FLASHDISPATCH_BACKEND", "FLASHDISPATCH_CONFIG", "FLASHDISPATCH_DISABLE_PLUGINS")
-HAS_GPU = torch.cuda.is_available()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,9 +3,11 @@
 from ..backends.reference import ReferenceBackend
 from ..backends.sdpa import CudnnBackend, EfficientBackend, FlashBackend, MathBackend
 from ..backends.tiled import TiledBackend
+from ..backends.triton import TritonBackend
 from .hookspecs import hookimpl
 
 
 @hookimpl
 def flashdispatch_backends():
-    return [ReferenceBackend(), TiledBackend(), FlashBackend(), CudnnBackend(), EfficientBackend(), MathBackend()]
+    return [ReferenceBackend(), TiledBackend(), TritonBackend(), FlashBackend(), CudnnBackend(), EfficientBackend(),
+            MathBackend()]
