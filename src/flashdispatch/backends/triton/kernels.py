@@ -39,7 +39,9 @@ def _scores(q, kT, scale, softcap, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
 def _visible(rows, cols, q_len, k_len, window_left, window_right):
     """(BLOCK_M, BLOCK_N) bool: key cols in bounds and inside the window of query rows."""
     diag = rows[:, None] + (k_len - q_len)
-    ok = (cols[None, :] < k_len) & (cols[None, :] >= 0)
+    # Full (BLOCK_M, BLOCK_N) from the start (rows >= 0 always holds): the compiler wants the
+    # same shape in both branches of the ifs below.
+    ok = (cols[None, :] < k_len) & (rows[:, None] >= 0)
     if window_right >= 0:
         ok = ok & (cols[None, :] <= diag + window_right)
     if window_left >= 0:
