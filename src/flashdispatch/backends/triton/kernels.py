@@ -24,12 +24,33 @@ def _tanh(x):
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b accumulated in float32; IEEE: exact float32 products (float32 inputs), not TF32."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _sequence(cu_seqlens_q, cu_seqlens_k, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """(first query token, query count, first key token, key count) of sequence b."""
+    if VARLEN:
+        q_start = tl.load(cu_seqlens_q + b)
+        q_len = tl.load(cu_seqlens_q + b + 1) - q_start
+        k_start = tl.load(cu_seqlens_k + b)
+        k_len = tl.load(cu_seqlens_k + b + 1) - k_start
+    else:
+        q_start = 0
+        q_len = seqlen_q
+        k_start = 0
+        k_len = seqlen_k
+    return q_start, q_len, k_start, k_len
+
+
+@triton.jit
 def _scores(q, kT, scale, softcap, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
     """(BLOCK_M, D) x (D, BLOCK_N) -> scores in the log2 domain, float32."""
-    if IEEE:
-        qk = tl.dot(q, kT, input_precision="ieee")
-    else:
-        qk = tl.dot(q, kT)
+    qk = _dot(q, kT, IEEE)
     if SOFTCAP:
         return softcap * _tanh(qk * (scale / softcap)) * 1.4426950408889634
     return qk * (scale * 1.4426950408889634)
@@ -74,10 +95,7 @@ def _fwd_blocks(acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, 
         p = tl.exp2(s - shift[:, None])
         rescale = tl.exp2(row_max - shift)  # exp(m_old - m_new); 0 for a row's first keys
         row_sum = row_sum * rescale + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * rescale[:, None] + _dot(p.to(v.dtype), v, IEEE)
         row_max = new_max
     return acc, row_sum, row_max
 
@@ -114,16 +132,7 @@ def attention_forward(
         b = pid_bh // (heads_kv * group)
         first_head = pid_bh % (heads_kv * group)
         head_kv = first_head // group
-    if VARLEN:
-        q_start = tl.load(cu_seqlens_q + b)
-        q_len = tl.load(cu_seqlens_q + b + 1) - q_start
-        k_start = tl.load(cu_seqlens_k + b)
-        k_len = tl.load(cu_seqlens_k + b + 1) - k_start
-    else:
-        q_start = 0
-        q_len = seqlen_q
-        k_start = 0
-        k_len = seqlen_k
+    q_start, q_len, k_start, k_len = _sequence(cu_seqlens_q, cu_seqlens_k, b, seqlen_q, seqlen_k, VARLEN)
     num_rows = q_len * group if PACK_GQA else q_len
     if pid_m * BLOCK_M >= num_rows:
         return
@@ -221,16 +230,7 @@ def attention_backward_dkdv(
     pid_bh = tl.program_id(1)
     b = pid_bh // heads_kv
     head_kv = pid_bh % heads_kv
-    if VARLEN:
-        q_start = tl.load(cu_seqlens_q + b)
-        q_len = tl.load(cu_seqlens_q + b + 1) - q_start
-        k_start = tl.load(cu_seqlens_k + b)
-        k_len = tl.load(cu_seqlens_k + b + 1) - k_start
-    else:
-        q_start = 0
-        q_len = seqlen_q
-        k_start = 0
-        k_len = seqlen_k
+    q_start, q_len, k_start, k_len = _sequence(cu_seqlens_q, cu_seqlens_k, b, seqlen_q, seqlen_k, VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= k_len:
         return
@@ -271,10 +271,7 @@ def attention_backward_dkdv(
             # A row with LSE -inf saw no key: shift it by +inf so its P is exactly 0.
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(d_base + rows, mask=row_ok, other=0.0)
-            if IEEE:
-                qkT = tl.dot(k, qT, input_precision="ieee")  # (BLOCK_N, BLOCK_M)
-            else:
-                qkT = tl.dot(k, qT)
+            qkT = _dot(k, qT, IEEE)  # (BLOCK_N, BLOCK_M)
             if SOFTCAP:
                 t = _tanh(qkT * (scale / softcap))
                 sT = softcap * t * 1.4426950408889634
@@ -282,19 +279,12 @@ def attention_backward_dkdv(
                 sT = qkT * (scale * 1.4426950408889634)
             visible = tl.trans(_visible(rows, cols, q_len, k_len, window_left, window_right)) & row_ok[None, :]
             pT = tl.where(visible, tl.exp2(sT - lse[None, :]), 0.0)
-            if IEEE:
-                dv += tl.dot(pT.to(do.dtype), do, input_precision="ieee")
-                dpT = tl.dot(v, tl.trans(do), input_precision="ieee")
-            else:
-                dv += tl.dot(pT.to(do.dtype), do)
-                dpT = tl.dot(v, tl.trans(do))
+            dv += _dot(pT.to(do.dtype), do, IEEE)
+            dpT = _dot(v, tl.trans(do), IEEE)
             dsT = pT * (dpT - delta[None, :])
             if SOFTCAP:
                 dsT = dsT * (1.0 - t * t)
-            if IEEE:
-                dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision="ieee")
-            else:
-                dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+            dk += _dot(dsT.to(qT.dtype), tl.trans(qT), IEEE)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + head_kv * stride_dkh + (k_start + cols)[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
@@ -328,16 +318,7 @@ def attention_backward_dq(
     b = pid_bh // (heads_kv * group)
     head = pid_bh % (heads_kv * group)
     head_kv = head // group
-    if VARLEN:
-        q_start = tl.load(cu_seqlens_q + b)
-        q_len = tl.load(cu_seqlens_q + b + 1) - q_start
-        k_start = tl.load(cu_seqlens_k + b)
-        k_len = tl.load(cu_seqlens_k + b + 1) - k_start
-    else:
-        q_start = 0
-        q_len = seqlen_q
-        k_start = 0
-        k_len = seqlen_k
+    q_start, q_len, k_start, k_len = _sequence(cu_seqlens_q, cu_seqlens_k, b, seqlen_q, seqlen_k, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return
@@ -369,10 +350,7 @@ def attention_backward_dq(
                      mask=(cols[None, :] < k_len) & (offs_d[:, None] < HEAD_DIM), other=0.0)
         vT = tl.load(v_base + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
                      mask=(cols[None, :] < k_len) & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
-        if IEEE:
-            qk = tl.dot(q, kT, input_precision="ieee")
-        else:
-            qk = tl.dot(q, kT)
+        qk = _dot(q, kT, IEEE)
         if SOFTCAP:
             t = _tanh(qk * (scale / softcap))
             s = softcap * t * 1.4426950408889634
@@ -380,17 +358,11 @@ def attention_backward_dq(
             s = qk * (scale * 1.4426950408889634)
         visible = _visible(rows, cols, q_len, k_len, window_left, window_right) & row_ok[:, None]
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
-        if IEEE:
-            dp = tl.dot(do, vT, input_precision="ieee")
-        else:
-            dp = tl.dot(do, vT)
+        dp = _dot(do, vT, IEEE)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        if IEEE:
-            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
+        dq += _dot(ds.to(kT.dtype), tl.trans(kT), IEEE)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + head * stride_dqh + (q_start + rows)[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
