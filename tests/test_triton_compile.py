@@ -27,6 +27,7 @@ from triton.compiler import ASTSource
 from flashdispatch.backends.triton import kernels
 
 POINTERS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
+FLOAT32_POINTERS = {"Lse", "Delta", "Partial", "PartialLse"}
 
 def signature(fn, constexprs, dtype):
     sig = {}
@@ -35,7 +36,7 @@ def signature(fn, constexprs, dtype):
             sig[name] = "constexpr"
         elif name in POINTERS:
             sig[name] = "*" + dtype
-        elif name in ("Lse", "Delta"):
+        elif name in FLOAT32_POINTERS:
             sig[name] = "*fp32"
         elif name.startswith("cu_seqlens"):
             sig[name] = "*i32"
@@ -47,7 +48,8 @@ def signature(fn, constexprs, dtype):
 
 # Cold compiles take seconds each, so a few variants that between them reach every branch of the
 # kernels: varlen + softcap with a padded head dim (40 in a 64 tile), the packed-GQA decoding
-# forward, and the float32 (IEEE dot) variant.
+# forward, the float32 (IEEE dot) variant with an unpadded head dim, and the split merge and delta
+# kernels.
 def variants():
     for varlen, softcap, dtype, ieee, (head_dim, block_d) in (
             (True, True, "bf16", False, (40, 64)), (False, False, "fp32", True, (128, 128))):
@@ -56,6 +58,9 @@ def variants():
         yield dtype, kernels.attention_forward, dict(common, PACK_GQA=not varlen)
         yield dtype, kernels.attention_backward_dkdv, common
         yield dtype, kernels.attention_backward_dq, common
+        yield dtype, kernels.attention_backward_delta, dict(VARLEN=varlen, BLOCK_M=64, HEAD_DIM_V=head_dim,
+                                                            BLOCK_DV=block_d)
+        yield dtype, kernels.merge_splits, dict(HEAD_DIM_V=head_dim, BLOCK_S=16, BLOCK_DV=block_d)
 
 failures = 0
 for arch in (80, 90):

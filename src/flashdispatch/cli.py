@@ -87,7 +87,7 @@ def cmd_verify(args) -> int:
             print(result)
 
     report = conformance.run(backends=args.backend or None, device=args.device, tier=args.tier, dtypes=dtypes,
-                             on_result=progress)
+                             on_result=progress, shard=args.shard)
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -128,6 +128,16 @@ def _window(text: str):
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LEFT,RIGHT (ints, -1 = unbounded), got {text!r}") from None
     return left, right
+
+
+def _shard(text: str):
+    try:
+        index, count = (int(x) for x in text.split("/"))
+        if not 0 <= index < count:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}") from None
+    return index, count
 
 
 def _shape(text: str):
@@ -171,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--device", default=_default_device())
     verify.add_argument("--tier", choices=("fast", "full"), default="fast")
     verify.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable; default: each backend's")
+    verify.add_argument("--shard", type=_shard, default=None,
+                        help="I/N: run part I (0-based) of N disjoint parts, for parallel processes")
     verify.add_argument("--verbose", "-v", action="store_true", help="print every case, not only failures")
     verify.set_defaults(func=cmd_verify)
 

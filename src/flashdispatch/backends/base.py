@@ -129,6 +129,10 @@ class Backend:
         """Why this backend cannot run the backward of `problem` (empty: it can)."""
         return self.support.backward_reasons(problem) + self.not_supported_reasons(problem, caps)
 
+    def notes(self, problem: Problem, caps: Capabilities) -> list[str]:
+        """What `explain()` should add when this backend is chosen (tuning state, compile times)."""
+        return []
+
     def forward(self, q, k, v, problem: Problem, cu_seqlens_q=None, cu_seqlens_k=None):
         """Return `(out, lse)`; `lse` may be None when `problem.needs_lse` is False."""
         raise NotImplementedError

@@ -151,12 +151,27 @@ class Report:
         return "\n".join(lines)
 
 
-def run(backends=None, device=None, tier: str = "fast", dtypes=None, on_result=None) -> Report:
+def shard_of(selected: list[Case], shard: tuple[int, int] | None) -> list[Case]:
+    """The cases of shard (index, count): whole (dtype, head dims) groups, dealt round-robin, so
+    that processes running different shards share no kernel compilations."""
+    if shard is None:
+        return selected
+    index, count = shard
+    if not (count >= 1 and 0 <= index < count):
+        raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
+    groups: dict[tuple, int] = {}
+    for case in selected:
+        groups.setdefault((case.dtype, case.head_dim, case.head_dim_v), len(groups))
+    return [c for c in selected if groups[(c.dtype, c.head_dim, c.head_dim_v)] % count == index]
+
+
+def run(backends=None, device=None, tier: str = "fast", dtypes=None, on_result=None, shard=None) -> Report:
     """Check `backends` (names or objects; default every registered backend) on `device` (default
     cuda if available, else cpu) with the cases of `tier`; `dtypes` as for `cases()`.
 
-    `on_result(result)` is called after each case (for progress output). Raises ValueError for an
-    unknown backend, tier or dtype, or a cuda device on a machine without one.
+    `on_result(result)` is called after each case (for progress output). `shard=(index, count)`
+    runs one of `count` disjoint parts of the cases, for parallel processes. Raises ValueError for
+    an unknown backend, tier or dtype, or a cuda device on a machine without one.
     """
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
@@ -166,7 +181,7 @@ def run(backends=None, device=None, tier: str = "fast", dtypes=None, on_result=N
     dtypes = parse_dtypes(dtypes)
     report = Report(device=str(device), tier=tier)
     for backend in resolve_backends(backends):
-        for case in cases(backend, tier, device, dtypes):
+        for case in shard_of(cases(backend, tier, device, dtypes), shard):
             result = check_case(backend, case, device)
             report.results.append(result)
             if on_result is not None:

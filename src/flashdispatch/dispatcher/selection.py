@@ -136,6 +136,7 @@ class Explanation:
     reasons: dict[str, dict[str, list[str]]]  # backend -> direction -> reasons
     decision: Decision | None
     error: str | None  # why nothing can run, if so
+    notes: dict[str, list[str]]  # chosen backend -> its notes (tuning state, compile times)
 
     @property
     def forward(self) -> str | None:
@@ -153,6 +154,8 @@ class Explanation:
             lines.append(f"forward : {self.forward} ({self.decision.forward.how})")
             if self.decision.backward is not None:
                 lines.append(f"backward: {self.backward} ({self.decision.backward.how})")
+            for name, notes in self.notes.items():
+                lines.extend(f"note    : {name}: {note}" for note in notes)
         width = max([len(n) for n in self.reasons] + [7])
         lines.append("")
         lines.append(f"{'backend':<{width}}  forward  backward  reasons")
@@ -171,4 +174,12 @@ def explain_problem(problem: Problem, caps: Capabilities, forced=(None, None), f
         decision, error = decide(problem, caps, forced, forced_by, measure), None
     except NoBackendError as exc:
         decision, error = None, str(exc)
-    return Explanation(problem, caps, reasons, decision, error)
+    notes = {}
+    if decision is not None:
+        for choice in (decision.forward, decision.backward):
+            if choice is not None and choice.backend.name not in notes:
+                try:
+                    notes[choice.backend.name] = list(choice.backend.notes(problem, caps))
+                except Exception as exc:  # noqa: BLE001 - a broken plugin must not break explain()
+                    notes[choice.backend.name] = [f"its notes() raised {type(exc).__name__}: {exc}"]
+    return Explanation(problem, caps, reasons, decision, error, notes)

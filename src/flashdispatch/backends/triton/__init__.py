@@ -7,9 +7,13 @@ layouts through strides. Decoding (at most 16 queries) packs the query heads of 
 one block, so each key is read once per group, and splits the keys across programs when the grid
 would leave SMs idle; the splits are merged by their LSE.
 
-Backward (FlashAttention-2): delta = rowsum(dO * O), then one kernel for dK/dV per key block (the
-query heads of a group summed in the program, no atomics: deterministic) and one for dQ per query
-block, both recomputing P from the saved LSE, so it accepts any forward backend's state.
+Backward (FlashAttention-2): delta = rowsum(dO * O) in a small kernel, then one kernel for dK/dV
+per key block (the query heads of a group summed in the program, no atomics: deterministic) and
+one for dQ per query block, both recomputing P from the saved LSE, so it accepts any forward
+backend's state.
+
+Launch configurations come from `configs.py`: a pruned candidate list per kernel, GPU generation
+and head-dim class, tuned once per shape bucket on the first call.
 
 float32 inputs are computed with IEEE float32 dots (not TF32): exact, and slow.
 """
@@ -22,8 +26,8 @@ import torch
 
 from ...dispatcher.capabilities import Capabilities, capabilities
 from ...dispatcher.problem import Problem
-from ...merge import merge_states
 from ..base import Backend, Support
+from .configs import TUNER, Config, candidates
 
 SUPPORT = Support(
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
@@ -41,6 +45,9 @@ SUPPORT = Support(
 )
 
 DECODE_MAX_QUERIES = 16  # forward problems up to this many queries take the decoding path
+# Split-KV decoding: enough programs for this many per SM, each with at least this many key blocks.
+DECODE_PROGRAMS_PER_SM = 4
+DECODE_MIN_BLOCKS_PER_SPLIT = 2
 
 
 def _interpreting() -> bool:
@@ -67,16 +74,18 @@ def _block(dim: int) -> int:
     return max(16, 1 << (dim - 1).bit_length())
 
 
-def _tiles(problem: Problem, caps: Capabilities) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this problem on this device."""
-    if _interpreting():
-        return 64, 64, 4, 1  # the tests' sequences (up to 129) still span several blocks
-    big = max(problem.head_dim, problem.head_dim_v) > 128
-    if problem.dtype == torch.float32:
-        return 32, 32, 4, 1
-    if caps.compute_capability is not None and caps.compute_capability >= (9, 0):
-        return (64, 64, 4, 2) if big else (128, 64, 8, 3)
-    return (64, 64, 4, 2) if big else (128, 64, 4, 2)
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _kernel_args(config: Config, problem: Problem) -> dict:
+    return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_DIM=problem.head_dim,
+                HEAD_DIM_V=problem.head_dim_v, BLOCK_D=_block(problem.head_dim), BLOCK_DV=_block(problem.head_dim_v),
+                num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _decoding(problem: Problem) -> bool:
+    return problem.seqlen_q <= DECODE_MAX_QUERIES and not problem.varlen
 
 
 class TritonBackend(Backend):
@@ -98,6 +107,19 @@ class TritonBackend(Backend):
             return ["bfloat16 dots are wrong in Triton's CPU interpreter (3.4-3.9)"]
         return []
 
+    def notes(self, problem: Problem, caps: Capabilities) -> list[str]:
+        kernels = ["decode" if _decoding(problem) else "forward"] + (["dkdv", "dq"] if problem.needs_grad else [])
+        notes = []
+        for kernel in kernels:
+            known = TUNER.known(kernel, problem, caps)
+            if known is not None:
+                notes.append(f"{kernel} kernel: {known.config} ({known.how})")
+            else:
+                count = len(candidates(kernel, problem, caps))
+                notes.append(f"{kernel} kernel: not run yet in this shape bucket; the first call "
+                             + (f"times {count} candidate configurations" if count > 1 else "compiles it"))
+        return notes
+
     # Forward
 
     def forward(self, q, k, v, problem, cu_seqlens_q=None, cu_seqlens_k=None):
@@ -105,53 +127,60 @@ class TritonBackend(Backend):
 
         caps = capabilities(q.device)
         layout = problem.layout
-        block_m, block_n, warps, stages = _tiles(problem, caps)
-        decoding = problem.seqlen_q <= DECODE_MAX_QUERIES and not problem.varlen
+        decoding = _decoding(problem)
         pack = decoding and problem.group_size > 1
         rows = problem.seqlen_q * (problem.group_size if pack else 1)
-        if decoding:
-            block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
-        row_blocks = triton_cdiv(rows, block_m)
-        programs = row_blocks * problem.batch * (problem.heads_kv if pack else problem.heads_q)
-        splits = 1
-        if decoding and not _interpreting():
-            # Enough programs to fill every SM twice, each with at least four key blocks.
-            splits = max(1, min(triton_cdiv(2 * (caps.sm_count or 1), programs), problem.seqlen_k // (4 * block_n)))
-        keys_per_split = triton_cdiv(triton_cdiv(problem.seqlen_k, splits), block_n) * block_n
-        splits = triton_cdiv(problem.seqlen_k, keys_per_split) if problem.seqlen_k else 1
-
-        out_shape = q.shape[:-1] + (v.shape[-1],)
-        lse_shape = (problem.heads_q, problem.total_q) if problem.varlen else (problem.batch, problem.heads_q, problem.seqlen_q)
-        if splits == 1:
-            out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
-            lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-            out_strides = (0,) + _strides(out, layout)
-            lse_strides = (0,) + _lse_strides(problem)
-        else:
-            # Partial results per split, (S, B, Hq, Nq, Dv) float32, merged by LSE below.
-            out = torch.empty((splits, problem.batch, problem.heads_q, problem.seqlen_q, problem.head_dim_v),
-                              dtype=torch.float32, device=q.device)
-            lse = torch.empty((splits,) + lse_shape, dtype=torch.float32, device=q.device)
-            out_strides = (out.stride(0),) + _strides(out[0], "bhsd")
-            lse_strides = (lse.stride(0),) + _lse_strides(problem)
+        heads = problem.heads_kv if pack else problem.heads_q
         dummy = q.new_empty(0, dtype=torch.int32)
-        grid = (row_blocks, problem.batch * (problem.heads_kv if pack else problem.heads_q), splits)
-        kernels.attention_forward[grid](
-            q, k, v, out, lse,
-            cu_seqlens_q if problem.varlen else dummy, cu_seqlens_k if problem.varlen else dummy,
-            *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *out_strides, *lse_strides,
-            problem.seqlen_q, problem.seqlen_k, problem.heads_kv, problem.group_size, keys_per_split,
-            problem.scale, problem.softcap or 1.0, problem.window_left, problem.window_right,
-            VARLEN=problem.varlen, PACK_GQA=pack, SOFTCAP=bool(problem.softcap), IEEE=q.dtype == torch.float32,
-            BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=problem.head_dim, HEAD_DIM_V=problem.head_dim_v,
-            BLOCK_D=_block(problem.head_dim), BLOCK_DV=_block(problem.head_dim_v),
-            num_warps=warps, num_stages=stages,
-        )
-        if splits == 1:
-            return out, lse
-        merged, merged_lse = merge_states(list(out), list(lse))
-        merged = merged.to(q.dtype)
-        return (merged if layout == "bhsd" else merged.transpose(1, 2)), merged_lse
+        lse_shape = (problem.heads_q, problem.total_q) if problem.varlen else (problem.batch, problem.heads_q, problem.seqlen_q)
+
+        def launch(config: Config):
+            block_m = config.block_m
+            if decoding:
+                block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
+            programs = _cdiv(rows, block_m) * problem.batch * heads
+            splits = 1
+            if decoding:
+                # The interpreter splits short caches too, so that the tests reach the merge.
+                min_keys = config.block_n * (1 if _interpreting() else DECODE_MIN_BLOCKS_PER_SPLIT)
+                splits = max(1, min(_cdiv(DECODE_PROGRAMS_PER_SM * (caps.sm_count or 1), programs),
+                                    problem.seqlen_k // min_keys))
+            keys_per_split = _cdiv(_cdiv(problem.seqlen_k, splits), config.block_n) * config.block_n
+            splits = _cdiv(problem.seqlen_k, keys_per_split)
+            if splits == 1:
+                out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+                lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+                out_strides = (0,) + _strides(out, layout)
+                lse_strides = (0,) + _lse_strides(problem)
+            else:
+                # Normalised partial results per split, (S, B, Hq, Nq, Dv), merged by LSE below.
+                out = torch.empty((splits, problem.batch, problem.heads_q, problem.seqlen_q, problem.head_dim_v),
+                                  dtype=torch.float32, device=q.device)
+                lse = torch.empty((splits,) + lse_shape, dtype=torch.float32, device=q.device)
+                out_strides = (out.stride(0),) + _strides(out[0], "bhsd")
+                lse_strides = (lse.stride(0),) + _lse_strides(problem)
+            kernels.attention_forward[(_cdiv(rows, block_m), problem.batch * heads, splits)](
+                q, k, v, out, lse,
+                cu_seqlens_q if problem.varlen else dummy, cu_seqlens_k if problem.varlen else dummy,
+                *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *out_strides, *lse_strides,
+                problem.seqlen_q, problem.seqlen_k, problem.heads_kv, problem.group_size, keys_per_split,
+                problem.scale, problem.softcap or 1.0, problem.window_left, problem.window_right,
+                VARLEN=problem.varlen, PACK_GQA=pack, SOFTCAP=bool(problem.softcap), IEEE=q.dtype == torch.float32,
+                **_kernel_args(Config(block_m, config.block_n, config.num_warps, config.num_stages), problem),
+            )
+            if splits == 1:
+                return out, lse
+            merged = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+            merged_lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+            kernels.merge_splits[(problem.seqlen_q, problem.batch * problem.heads_q)](
+                out, lse, merged, merged_lse, out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+                lse.stride(0), *_strides(merged, layout), splits, problem.heads_q, problem.seqlen_q,
+                HEAD_DIM_V=problem.head_dim_v, BLOCK_S=max(2, 1 << (splits - 1).bit_length()),
+                BLOCK_DV=_block(problem.head_dim_v), num_warps=4,
+            )
+            return merged, merged_lse
+
+        return launch(TUNER.choose("decode" if decoding else "forward", problem, caps, launch))
 
     # Backward
 
@@ -160,38 +189,32 @@ class TritonBackend(Backend):
 
         caps = capabilities(q.device)
         layout = problem.layout
-        block_m, block_n, warps, stages = _tiles(problem, caps)
-        block_m = min(block_m, 64)  # the backward holds more tiles per program
-        # delta = rowsum(dO * O) in the LSE's layout, float32.
-        delta = (dout.float() * out.float()).sum(-1)
-        if layout == "bshd":
-            delta = delta.transpose(1, 2)
-        elif layout == "varlen":
-            delta = delta.transpose(0, 1)
-        delta = delta.contiguous()
-        lse = lse.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dummy = q.new_empty(0, dtype=torch.int32)
         cu_q = cu_seqlens_q if problem.varlen else dummy
         cu_k = cu_seqlens_k if problem.varlen else dummy
-        common = dict(
-            VARLEN=problem.varlen, SOFTCAP=bool(problem.softcap), IEEE=q.dtype == torch.float32,
-            BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=problem.head_dim, HEAD_DIM_V=problem.head_dim_v,
-            BLOCK_D=_block(problem.head_dim), BLOCK_DV=_block(problem.head_dim_v), num_warps=warps,
-            num_stages=stages,
+        lse = lse.contiguous()
+        delta = torch.empty_like(lse)  # rowsum(dO * O), float32, in the LSE's layout
+        kernels.attention_backward_delta[(_cdiv(problem.seqlen_q, 64), problem.batch * problem.heads_q)](
+            out, dout, delta, cu_q, *_strides(out, layout), *_strides(dout, layout), *_lse_strides(problem),
+            problem.seqlen_q, problem.heads_q, VARLEN=problem.varlen, BLOCK_M=64, HEAD_DIM_V=problem.head_dim_v,
+            BLOCK_DV=_block(problem.head_dim_v), num_warps=4,
         )
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        flags = dict(VARLEN=problem.varlen, SOFTCAP=bool(problem.softcap), IEEE=q.dtype == torch.float32)
         scalars = (problem.seqlen_q, problem.seqlen_k, problem.heads_kv, problem.group_size,
                    problem.scale, problem.softcap or 1.0, problem.window_left, problem.window_right)
-        tensors = (*_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout))
-        kernels.attention_backward_dkdv[(triton_cdiv(problem.seqlen_k, block_n), problem.batch * problem.heads_kv)](
-            q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, *tensors,
-            *_strides(dk, layout), *_strides(dv, layout), *_lse_strides(problem), *scalars, **common)
-        kernels.attention_backward_dq[(triton_cdiv(problem.seqlen_q, block_m), problem.batch * problem.heads_q)](
-            q, k, v, dout, lse, delta, dq, cu_q, cu_k, *tensors,
-            *_strides(dq, layout), *_lse_strides(problem), *scalars, **common)
+        inputs = (*_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout))
+
+        def launch_dkdv(config: Config):
+            kernels.attention_backward_dkdv[(_cdiv(problem.seqlen_k, config.block_n), problem.batch * problem.heads_kv)](
+                q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, *inputs, *_strides(dk, layout), *_strides(dv, layout),
+                *_lse_strides(problem), *scalars, **flags, **_kernel_args(config, problem))
+
+        def launch_dq(config: Config):
+            kernels.attention_backward_dq[(_cdiv(problem.seqlen_q, config.block_m), problem.batch * problem.heads_q)](
+                q, k, v, dout, lse, delta, dq, cu_q, cu_k, *inputs, *_strides(dq, layout), *_lse_strides(problem),
+                *scalars, **flags, **_kernel_args(config, problem))
+
+        launch_dkdv(TUNER.choose("dkdv", problem, caps, launch_dkdv))
+        launch_dq(TUNER.choose("dq", problem, caps, launch_dq))
         return dq, dk, dv
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-

@@ -1,0 +1,212 @@
+"""Launch configurations of the Triton kernels, and the tuner that picks one per shape bucket.
+
+Each kernel has a short list of candidate configurations per GPU generation and head-dim class,
+pruned from a sweep on the H100 (`scripts/sweep_triton.py`, numbers in `docs/notes/triton.md`);
+the first of each list is the best measured there. On the first call in a shape bucket the tuner
+times every candidate on the caller's own tensors and keeps the fastest for the bucket, so a new
+sequence length in the same bucket reuses the choice. It logs the compile and tuning time, and
+`notes()` shows them in `explain()`.
+
+Environment:
+    FLASHDISPATCH_TRITON_AUTOTUNE=0   take the first candidate without timing (no tuning runs)
+    FLASHDISPATCH_TRITON_CONFIG       force configurations, e.g. "forward=128,64,8,3;dq=64,64,4,3"
+                                      (BLOCK_M, BLOCK_N, num_warps, num_stages), for experiments
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ...dispatcher.capabilities import Capabilities
+from ...dispatcher.problem import Problem
+
+log = logging.getLogger("flashdispatch")
+
+KERNELS = ("forward", "decode", "dkdv", "dq")
+TUNING_REPEATS = 5
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} stages={self.num_stages}"
+
+
+def _c(*values: int) -> Config:
+    return Config(*values)
+
+
+# Candidates, best first, keyed by (kernel, generation, head-dim class). Generation "sm90" is
+# Hopper (wgmma: 128-row tiles over 8 warps pay), "sm80" is Ampere and Ada (mma.sync, less
+# shared memory: smaller tiles and fewer stages). Head-dim classes: "64" up to 64, "128" up to
+# 128, "256" above. Decode tiles have BLOCK_M set by the launcher (the packed query rows).
+CANDIDATES: dict[tuple[str, str, str], list[Config]] = {
+    ("forward", "sm90", "64"): [_c(128, 64, 4, 3), _c(128, 128, 8, 3), _c(128, 64, 8, 3), _c(64, 64, 4, 3)],
+    ("forward", "sm90", "128"): [_c(128, 64, 8, 3), _c(128, 128, 8, 2), _c(128, 64, 4, 3), _c(128, 32, 4, 4)],
+    ("forward", "sm90", "256"): [_c(64, 64, 4, 2), _c(128, 32, 8, 2), _c(64, 32, 4, 3)],
+    ("forward", "sm80", "64"): [_c(128, 64, 4, 3), _c(64, 64, 4, 3), _c(128, 32, 4, 3)],
+    ("forward", "sm80", "128"): [_c(128, 64, 4, 2), _c(128, 32, 4, 3), _c(64, 64, 4, 3)],
+    ("forward", "sm80", "256"): [_c(64, 64, 4, 2), _c(64, 32, 4, 2)],
+    ("decode", "sm90", "64"): [_c(16, 128, 4, 3)],
+    ("decode", "sm90", "128"): [_c(16, 128, 4, 3)],
+    ("decode", "sm90", "256"): [_c(16, 64, 4, 3)],
+    ("decode", "sm80", "64"): [_c(16, 128, 4, 3)],
+    ("decode", "sm80", "128"): [_c(16, 64, 4, 3)],
+    ("decode", "sm80", "256"): [_c(16, 64, 4, 2)],
+    ("dkdv", "sm90", "64"): [_c(64, 128, 8, 2), _c(32, 128, 4, 3), _c(64, 64, 4, 3)],
+    ("dkdv", "sm90", "128"): [_c(64, 128, 8, 2), _c(32, 128, 4, 3), _c(64, 64, 4, 3), _c(32, 64, 4, 3)],
+    ("dkdv", "sm90", "256"): [_c(32, 64, 4, 2), _c(16, 64, 4, 2)],
+    ("dkdv", "sm80", "64"): [_c(64, 64, 4, 3), _c(32, 128, 4, 2)],
+    ("dkdv", "sm80", "128"): [_c(64, 64, 4, 2), _c(32, 64, 4, 3)],
+    ("dkdv", "sm80", "256"): [_c(32, 64, 4, 2), _c(16, 64, 4, 2)],
+    ("dq", "sm90", "64"): [_c(128, 64, 8, 2), _c(64, 64, 4, 3), _c(128, 32, 4, 3)],
+    ("dq", "sm90", "128"): [_c(128, 64, 8, 2), _c(64, 64, 4, 3), _c(128, 32, 8, 3), _c(64, 32, 4, 3)],
+    ("dq", "sm90", "256"): [_c(64, 32, 4, 2), _c(32, 32, 4, 2)],
+    ("dq", "sm80", "64"): [_c(64, 64, 4, 3), _c(128, 32, 4, 2)],
+    ("dq", "sm80", "128"): [_c(64, 64, 4, 2), _c(64, 32, 4, 3)],
+    ("dq", "sm80", "256"): [_c(64, 32, 4, 2), _c(32, 32, 4, 2)],
+}
+FLOAT32 = Config(32, 32, 4, 2)  # IEEE float32 dots: register-hungry, one small tile
+INTERPRETER = Config(64, 64, 4, 1)  # the tests' sequences (up to 129) still span several blocks
+
+
+def _generation(caps: Capabilities) -> str:
+    cc = caps.compute_capability
+    return "sm90" if cc is not None and cc >= (9, 0) else "sm80"
+
+
+def _dim_class(problem: Problem) -> str:
+    dim = max(problem.head_dim, problem.head_dim_v)
+    return "64" if dim <= 64 else "128" if dim <= 128 else "256"
+
+
+def _length_bucket(n: int) -> int:
+    """Sequence lengths tune together within a factor of 4: 1k, 4k, 16k, ... (upper bounds)."""
+    bucket = 1024
+    while bucket < n:
+        bucket *= 4
+    return bucket
+
+
+def candidates(kernel: str, problem: Problem, caps: Capabilities) -> list[Config]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [INTERPRETER]
+    if problem.dtype == torch.float32:
+        return [FLOAT32]
+    return CANDIDATES[(kernel, _generation(caps), _dim_class(problem))]
+
+
+def bucket(kernel: str, problem: Problem, caps: Capabilities) -> tuple:
+    """Problems in one bucket share a tuned configuration."""
+    masked = problem.causal or problem.window_left >= 0 or problem.window_right >= 0
+    return (kernel, caps.device, problem.dtype, problem.head_dim, problem.head_dim_v, masked,
+            bool(problem.softcap), problem.varlen, problem.group_size > 1,
+            _length_bucket(problem.seqlen_q), _length_bucket(problem.seqlen_k))
+
+
+def _forced() -> dict[str, Config]:
+    text = os.environ.get("FLASHDISPATCH_TRITON_CONFIG", "").strip()
+    forced = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        kernel, _, values = item.partition("=")
+        kernel = kernel.strip()
+        try:
+            numbers = [int(x) for x in values.split(",")]
+            if kernel not in KERNELS or len(numbers) != 4:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"FLASHDISPATCH_TRITON_CONFIG: expected 'kernel=BLOCK_M,BLOCK_N,warps,stages' with "
+                             f"kernel one of {', '.join(KERNELS)}; got {item!r}") from None
+        forced[kernel] = Config(*numbers)
+    return forced
+
+
+@dataclass(frozen=True)
+class Choice:
+    config: Config
+    how: str  # "forced", "only candidate", "first candidate (autotuning off)", "tuned: ..."
+
+
+class Tuner:
+    """Remembers one configuration per bucket; times the candidates on the first call of a bucket."""
+
+    def __init__(self):
+        self._chosen: dict[tuple, Choice] = {}
+
+    def clear(self) -> None:
+        self._chosen.clear()
+
+    def known(self, kernel: str, problem: Problem, caps: Capabilities) -> Choice | None:
+        return self._chosen.get(bucket(kernel, problem, caps))
+
+    def choose(self, kernel: str, problem: Problem, caps: Capabilities, launch) -> Config:
+        """The configuration for `kernel` on `problem`; `launch(config)` runs the kernel once."""
+        forced = _forced().get(kernel)
+        if forced is not None:
+            return forced
+        key = bucket(kernel, problem, caps)
+        choice = self._chosen.get(key)
+        if choice is None:
+            choice = self._tune(kernel, problem, caps, launch)
+            self._chosen[key] = choice
+        return choice.config
+
+    def _tune(self, kernel: str, problem: Problem, caps: Capabilities, launch) -> Choice:
+        options = candidates(kernel, problem, caps)
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return Choice(options[0], "the interpreter's configuration")
+        autotune = os.environ.get("FLASHDISPATCH_TRITON_AUTOTUNE", "1") != "0"
+        if len(options) == 1 or not autotune:
+            started = time.perf_counter()
+            launch(options[0])  # compiles on first use
+            torch.cuda.synchronize()
+            why = "only candidate" if len(options) == 1 else "first candidate (autotuning off)"
+            seconds = time.perf_counter() - started
+            log.info("flashdispatch triton: %s kernel for %s: %s, %s; first call %.1f s with compilation",
+                     kernel, problem.describe(), options[0], why, seconds)
+            return Choice(options[0], f"{why}; first call {seconds:.1f} s with compilation")
+        compile_seconds = 0.0
+        timings = {}
+        started = time.perf_counter()
+        for config in options:
+            first = time.perf_counter()
+            try:
+                launch(config)  # compiles on first use
+                torch.cuda.synchronize()
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory on a smaller GPU
+                log.info("flashdispatch triton: %s %s failed to run (%s: %s); skipped", kernel, config,
+                         type(exc).__name__, exc)
+                continue
+            compile_seconds += time.perf_counter() - first
+            times = []
+            for _ in range(TUNING_REPEATS):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                launch(config)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            timings[config] = statistics.median(times)
+        if not timings:
+            raise RuntimeError(f"no Triton configuration of the {kernel} kernel runs on {caps.name}")
+        best = min(timings, key=timings.get)
+        total = time.perf_counter() - started
+        how = (f"tuned over {len(options)} candidates on the first call of its shape bucket "
+               f"({total:.1f} s, of which {compile_seconds:.1f} s compiling and first runs); "
+               f"{timings[best] * 1e3:.0f} us")
+        log.info("flashdispatch triton: %s kernel for %s: %s, %s", kernel, problem.describe(), best, how)
+        return Choice(best, how)
+
+
+TUNER = Tuner()
