@@ -11,13 +11,27 @@ unbounded side (causal is right = 0). Each kernel splits its loop into three ran
 partly visible, wholly visible, partly visible. Only the partly visible blocks pay for mask
 arithmetic and bounds checks; wholly masked blocks are never visited. Scores live in the log2
 domain (scale * log2(e) folded in), so the softmax uses exp2.
+
+Sequence lengths, split sizes and window bounds are not specialised on (`NO_SPECIALIZE`): Triton
+would otherwise compile a new variant whenever one of them changes divisibility by 16 or equals 1,
+which made a mixed workload recompile again and again. Strides stay specialised: a unit stride and
+16-element alignment are what let loads vectorise.
 """
+
+import inspect
 
 import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+NO_SPECIALIZE = ("seqlen_q", "seqlen_k", "keys_per_split", "window_left", "window_right", "splits")
+
+
+def _kernel(fn):
+    """triton.jit for a kernel, not specialised on the `NO_SPECIALIZE` arguments it has."""
+    names = [name for name in NO_SPECIALIZE if name in inspect.signature(fn).parameters]
+    return triton.jit(fn, do_not_specialize=names)
 
 
 @triton.jit
@@ -185,7 +199,7 @@ def _forward_blocks(acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_
     return acc, row_sum, row_max
 
 
-@triton.jit
+@_kernel
 def attention_forward(
     Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -206,7 +220,9 @@ def attention_forward(
     GQA group share each K/V tile: decoding reads every key once per group, not once per head.
     Writes out (rows, Dv) and lse (rows,), at split index program_id(2) when split.
     """
-    pid_m = tl.program_id(0)
+    # Row blocks in reverse: with a causal mask the last ones see the most keys, and starting the
+    # longest programs first leaves the short ones to fill the tail of the grid.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
     if PACK_GQA:
@@ -275,7 +291,7 @@ def attention_forward(
     tl.store(Lse + pid_s * stride_ls + b * stride_lb + heads * stride_lh + q_start + rows, lse, mask=row_ok)
 
 
-@triton.jit
+@_kernel
 def merge_splits(
     Partial, PartialLse, Out, Lse,
     stride_ps, stride_pb, stride_ph, stride_pm, stride_ls,
@@ -312,7 +328,7 @@ def merge_splits(
 # Backward
 
 
-@triton.jit
+@_kernel
 def attention_backward_delta(
     Out, DO, Delta, cu_seqlens_q,
     stride_ob, stride_oh, stride_om, stride_od,
@@ -376,7 +392,7 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qm, strid
     return dk, dv
 
 
-@triton.jit
+@_kernel
 def attention_backward_dkdv(
     Q, K, V, DO, Lse, Delta, DK, DV, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -462,7 +478,7 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stri
     return dq
 
 
-@triton.jit
+@_kernel
 def attention_backward_dq(
     Q, K, V, DO, Lse, Delta, DQ, cu_seqlens_q, cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -481,7 +497,7 @@ def attention_backward_dq(
 
     Grid: (query blocks, batch * heads_q). P = exp2(S - LSE), dS = P (dO V^T - delta).
     """
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest first, as in the forward
     pid_bh = tl.program_id(1)
     b = pid_bh // (heads_kv * group)
     head = pid_bh % (heads_kv * group)

@@ -1,0 +1,136 @@
+"""GPU checks of the Triton backend beyond the conformance tier (one process per part, for parallel runs):
+
+    --part candidates:I/N   every candidate configuration the tuner may pick on this GPU is exact:
+                            conformance cases (bf16 and fp16, each head-dim class, causal GQA, window
+                            with softcap, varlen, decoding) with configuration i of each kernel's list
+                            forced, for the i of this part
+    --part determinism      repeated forward and backward runs give bit-identical results
+    --part varlen           throughput of a mixed-length packed batch against the equal-length batch
+                            with the same token count (forward and backward, bf16, D=128)
+
+    PYTHONPATH=src python3 scripts/check_triton_gpu.py --part determinism
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+def candidates_part(index: int, count: int) -> int:
+    from flashdispatch.backends.triton import TritonBackend
+    from flashdispatch.backends.triton.configs import CANDIDATES
+    from flashdispatch.conformance.cases import make_case
+    from flashdispatch.conformance.checks import check_case
+    from flashdispatch.dispatcher.capabilities import capabilities
+
+    generation = "sm90" if capabilities(torch.device("cuda")).compute_capability >= (9, 0) else "sm80"
+    dims = {"64": (64, 40), "128": (128, 96), "256": (256, 192)}
+    longest = max(len(v) for v in CANDIDATES.values())
+    backend = TritonBackend()
+    failures = 0
+    checked = 0
+    for i in range(index, longest, count):
+        for dim_class, head_dims in dims.items():
+            forced = []
+            for kernel in ("forward", "decode", "dkdv", "dq"):
+                options = CANDIDATES[(kernel, generation, dim_class)]
+                c = options[i % len(options)]
+                forced.append(f"{kernel}={c.block_m},{c.block_n},{c.num_warps},{c.num_stages}")
+            os.environ["FLASHDISPATCH_TRITON_CONFIG"] = ";".join(forced)
+            for d in head_dims:
+                for dtype in (torch.bfloat16, torch.float16):
+                    cases = [
+                        make_case(dtype=dtype, head_dim=d, seqlen_q=700, seqlen_k=1000, heads_q=8, heads_kv=2,
+                                  causal=True, layout="bshd", backward=True),
+                        make_case(dtype=dtype, head_dim=d, seqlen_q=513, seqlen_k=513, window=(100, 37), softcap=20.0,
+                                  q_scale=4.0, backward=True),
+                        make_case(dtype=dtype, head_dim=d, layout="varlen", seqlens_q=(1, 300, 77, 640),
+                                  seqlens_k=(90, 300, 500, 640), heads_q=4, heads_kv=1, causal=True, backward=True),
+                        make_case(dtype=dtype, head_dim=d, seqlen_q=3, seqlen_k=3000, heads_q=8, heads_kv=2,
+                                  causal=True),
+                    ]
+                    for case in cases:
+                        result = check_case(backend, case, "cuda")
+                        checked += 1
+                        if not result.passed:
+                            failures += 1
+                            print(f"[{os.environ['FLASHDISPATCH_TRITON_CONFIG']}]\n{result}", flush=True)
+    print(f"candidates part {index}/{count}: {checked} checks, {failures} failed", flush=True)
+    return 1 if failures else 0
+
+
+def determinism() -> int:
+    from flashdispatch import attention
+
+    torch.manual_seed(0)
+    bad = 0
+    problems = {
+        "bshd causal GQA 32/8 D=128 N=1000": dict(shape_q=(2, 1000, 32, 128), shape_kv=(2, 1000, 8, 128),
+                                                 kwargs=dict(causal=True, layout="bshd")),
+        "bhsd window+softcap D=64 N=2048": dict(shape_q=(2, 16, 2048, 64), shape_kv=(2, 16, 2048, 64),
+                                               kwargs=dict(window=(256, 0), softcap=30.0)),
+    }
+    for name, p in problems.items():
+        q = torch.randn(p["shape_q"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(p["shape_kv"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(p["shape_kv"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dout = torch.randn_like(q)
+        runs = []
+        for _ in range(5):
+            q.grad = k.grad = v.grad = None
+            out = attention(q, k, v, backend="triton", **p["kwargs"])
+            out.backward(dout)
+            runs.append((out.detach().clone(), q.grad.clone(), k.grad.clone(), v.grad.clone()))
+        same = all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+        bad += not same
+        print(f"determinism {name}: 5 runs of forward+backward {'bit-identical' if same else 'DIFFER'}", flush=True)
+    return 1 if bad else 0
+
+
+def varlen() -> int:
+    from flashdispatch.backends.triton import TritonBackend
+    from flashdispatch.dispatcher.problem import build_problem
+    from flashdispatch.timing import median_time
+
+    backend = TritonBackend()
+    heads, d, tokens = 16, 128, 16384
+    mixed = [7000, 3000, 2500, 1800, 1100, 500, 300, 184]  # sums to 16384
+    assert sum(mixed) == tokens
+    for causal in (False, True):
+        rates = {}
+        for name, lengths in (("equal 4x4096", [4096] * 4), ("mixed " + "/".join(map(str, mixed)), mixed)):
+            cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), device="cuda", dtype=torch.int32)
+            q, k, v = (torch.randn(tokens, heads, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            problem = build_problem(q, k, v, causal=causal, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths),
+                                    max_seqlen_k=max(lengths), needs_grad=True, return_lse=True)
+            pairs = sum(n * (n + 1) / 2 if causal else n * n for n in lengths)
+            flops = 4 * heads * d * pairs
+            fwd = median_time(lambda: backend.forward(q, k, v, problem, cu, cu), "cuda")
+            out, lse = backend.forward(q, k, v, problem, cu, cu)
+            dout = torch.randn_like(out)
+            bwd = median_time(lambda: backend.backward(dout, q, k, v, out, lse, problem, cu, cu), "cuda")
+            rates[name] = (flops / fwd / 1e12, 2.5 * flops / bwd / 1e12)
+            print(f"varlen {'causal' if causal else 'non-causal'} {name}: forward {fwd * 1e3:.3f} ms "
+                  f"{rates[name][0]:.0f} TFLOP/s, backward {bwd * 1e3:.3f} ms {rates[name][1]:.0f} TFLOP/s", flush=True)
+        (ef, eb), (mf, mb) = rates.values()
+        print(f"varlen {'causal' if causal else 'non-causal'}: mixed/equal throughput forward {mf / ef:.2f}, "
+              f"backward {mb / eb:.2f}", flush=True)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", required=True)
+    args = parser.parse_args()
+    if args.part.startswith("candidates:"):
+        index, count = (int(x) for x in args.part.split(":")[1].split("/"))
+        return candidates_part(index, count)
+    return {"determinism": determinism, "varlen": varlen}[args.part]()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
