@@ -244,6 +244,7 @@ def measure(name: str, backend, s: Shape, args, caps, train: bool) -> dict:
         forward = None  # drop the closure's references before the backward allocates
 
     if not train:
+        rec["notes"] = backend.notes(problem, caps)
         return rec
     # Backward alone, from a precomputed (out, lse) and a random dout.
     reasons = backend.backward_not_supported_reasons(problem, caps)
@@ -271,6 +272,8 @@ def measure(name: str, backend, s: Shape, args, caps, train: bool) -> dict:
         rec["bwd_status"] = "ok"
     except Exception as exc:  # noqa: BLE001
         rec.update(bwd_status="OOM" if isinstance(exc, torch.OutOfMemoryError) else "error", bwd_reason=short_error(exc))
+    finally:
+        rec["notes"] = backend.notes(problem, caps)  # e.g. the Triton tuner's choices and their cost
     return rec
 
 
@@ -343,6 +346,8 @@ def print_shape_table(s: Shape, records: list[dict], dtype_name: str, train: boo
             else:
                 line += f" | backward {r['bwd_status']}: {r['bwd_reason']}"
         print(line, file=out)
+        for note in r.get("notes") or ():
+            print(f"    {r['backend']}: {note}", file=out)
     out.flush()
 
 
