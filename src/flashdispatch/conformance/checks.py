@@ -157,7 +157,7 @@ class CaseResult:
         if self.skipped:
             return f"{line}: {self.reason}"
         worst = self.worst
-        return f"{line}" + (f" (worst {worst.name} at {worst.ratio:.2f} of its tolerance)" if worst else "")
+        return f"{line}" + (f" (worst {worst.name} at {worst.ratio:.2f} of its tolerance; {self.seconds:.1f} s)" if worst else "")
 
     def message(self) -> str:
         """A readable report of this result, with every measured number."""

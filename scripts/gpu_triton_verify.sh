@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device call: the full conformance tier for `triton` in parallel shards (autotuning off, so each
+# case compiles one configuration), each case's time in the log; then the decode benchmark alone.
+set -uo pipefail
+out=${OUT:-/tmp/flashdispatch-out}
+mkdir -p "$out"
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+{ echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$out/env.log"
+start=$(date +%s)
+shards=${SHARDS:-15}
+mkdir -p "$out/shards"
+for i in $(seq 0 $((shards - 1))); do
+  FLASHDISPATCH_TRITON_AUTOTUNE=0 timeout ${VERIFY_TIMEOUT:-340} python3 -m flashdispatch verify --backend triton \
+    --tier full --device cuda --shard $i/$shards --verbose 2>&1 | grep -v "^\[W\|UserWarning\|_execution_engine" > "$out/shards/$i.log" &
+done
+wait
+echo "full tier, $shards shards: $(( $(date +%s) - start )) s"
+cat "$out"/shards/*.log > "$out/verify_full.log"; rm -rf "$out/shards"
+echo "passed $(grep -c '^PASSED' "$out/verify_full.log") failed $(grep -c '^FAILED' "$out/verify_full.log") skipped $(grep -c '^SKIPPED' "$out/verify_full.log") shard summaries $(grep -c 'passed,.*failed' "$out/verify_full.log")"
+grep "^FAILED" -A4 "$out/verify_full.log" | head -30
+if [ "${DECODE_BENCH:-1}" = 1 ]; then
+  timeout 60 python3 benchmarks/attention.py --backends triton --grid decode 2>&1 | grep -v "^\[W" > "$out/bench_decode.log"
+  grep -E "^\[|^  (triton|sdpa-flash|sdpa-cudnn)|^ceiling|triton:" "$out/bench_decode.log"
+fi
+echo "total: $(( $(date +%s) - start )) s"
