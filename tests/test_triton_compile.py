@@ -48,12 +48,12 @@ def signature(fn, constexprs, dtype):
 
 # Cold compiles take seconds each, so a few variants that between them reach every branch of the
 # kernels: varlen + softcap with a padded head dim (40 in a 64 tile), the packed-GQA decoding
-# forward, the float32 (IEEE dot) variant with an unpadded head dim, and the split merge and delta
+# forward, the float32 (3xTF32 dot) variant with an unpadded head dim, and the split merge and delta
 # kernels.
 def variants():
-    for varlen, softcap, dtype, ieee, (head_dim, block_d) in (
+    for varlen, softcap, dtype, float32, (head_dim, block_d) in (
             (True, True, "bf16", False, (40, 64)), (False, False, "fp32", True, (128, 128))):
-        common = dict(VARLEN=varlen, SOFTCAP=softcap, IEEE=ieee, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=head_dim,
+        common = dict(VARLEN=varlen, SOFTCAP=softcap, FLOAT32=float32, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=head_dim,
                       HEAD_DIM_V=head_dim, BLOCK_D=block_d, BLOCK_DV=block_d)
         yield dtype, kernels.attention_forward, dict(common, PACK_GQA=not varlen)
         yield dtype, kernels.attention_backward_dkdv, common

@@ -77,7 +77,7 @@ CANDIDATES: dict[tuple[str, str, str], list[Config]] = {
     ("dq", "sm80", "128"): [_c(64, 64, 4, 2), _c(64, 32, 4, 3)],
     ("dq", "sm80", "256"): [_c(64, 32, 4, 2), _c(32, 32, 4, 2)],
 }
-FLOAT32 = Config(32, 32, 4, 2)  # IEEE float32 dots: register-hungry, one small tile
+FLOAT32 = Config(32, 32, 4, 2)  # float32 tiles take twice the memory: one small tile
 INTERPRETER = Config(64, 64, 4, 1)  # the tests' sequences (up to 129) still span several blocks
 
 
@@ -168,45 +168,50 @@ class Tuner:
             return Choice(options[0], "the interpreter's configuration")
         autotune = os.environ.get("FLASHDISPATCH_TRITON_AUTOTUNE", "1") != "0"
         if len(options) == 1 or not autotune:
-            started = time.perf_counter()
-            launch(options[0])  # compiles on first use
-            torch.cuda.synchronize()
+            seconds = self._first_run(launch, options[0])
             why = "only candidate" if len(options) == 1 else "first candidate (autotuning off)"
-            seconds = time.perf_counter() - started
             log.info("flashdispatch triton: %s kernel for %s: %s, %s; first call %.1f s with compilation",
                      kernel, problem.describe(), options[0], why, seconds)
             return Choice(options[0], f"{why}; first call {seconds:.1f} s with compilation")
-        compile_seconds = 0.0
+        first_runs = 0.0
         timings = {}
         started = time.perf_counter()
         for config in options:
-            first = time.perf_counter()
             try:
-                launch(config)  # compiles on first use
-                torch.cuda.synchronize()
+                first_runs += self._first_run(launch, config)
             except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory on a smaller GPU
                 log.info("flashdispatch triton: %s %s failed to run (%s: %s); skipped", kernel, config,
                          type(exc).__name__, exc)
                 continue
-            compile_seconds += time.perf_counter() - first
-            times = []
-            for _ in range(TUNING_REPEATS):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                launch(config)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            timings[config] = statistics.median(times)
+            timings[config] = self._median_seconds(launch, config)
         if not timings:
             raise RuntimeError(f"no Triton configuration of the {kernel} kernel runs on {caps.name}")
         best = min(timings, key=timings.get)
         total = time.perf_counter() - started
         how = (f"tuned over {len(options)} candidates on the first call of its shape bucket "
-               f"({total:.1f} s, of which {compile_seconds:.1f} s compiling and first runs); "
-               f"{timings[best] * 1e3:.0f} us")
+               f"({total:.1f} s, of which {first_runs:.1f} s compiling and first runs); {timings[best] * 1e6:.0f} us")
         log.info("flashdispatch triton: %s kernel for %s: %s, %s", kernel, problem.describe(), best, how)
         return Choice(best, how)
+
+    @staticmethod
+    def _first_run(launch, config: Config) -> float:
+        """Seconds of the first launch, compilation included (a cache hit loads in milliseconds)."""
+        started = time.perf_counter()
+        launch(config)
+        torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    @staticmethod
+    def _median_seconds(launch, config: Config) -> float:
+        times = []
+        for _ in range(TUNING_REPEATS):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            launch(config)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
 
 
 TUNER = Tuner()

@@ -41,10 +41,12 @@ def _tanh(x):
 
 
 @triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    """acc + a @ b in float32; IEEE: exact float32 products (float32 inputs), not TF32."""
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
+def _dot(a, b, acc, FLOAT32: tl.constexpr):
+    """acc + a @ b in float32. FLOAT32 (float32 inputs): three TF32 tensor-core products per
+    product (3xTF32, float32-level accuracy); plain TF32 would lose float32's precision, and IEEE
+    float32 dots run on the CUDA cores and took minutes to compile at large head dims."""
+    if FLOAT32:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
     return tl.dot(a, b, acc)
 
 
@@ -163,7 +165,7 @@ def _query_ranges(col_lo, col_hi, q_len, k_len, window_left, window_right, BLOCK
 @triton.jit
 def _forward_blocks(acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                     start, end, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
-                    MASKED: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FLOAT32: tl.constexpr, BLOCK_N: tl.constexpr,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Online softmax over the key blocks in [start, end): running max, sum and unnormalised output.
 
@@ -174,7 +176,7 @@ def _forward_blocks(acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_
         cols = n0 + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, cols, stride_kn, stride_kd, k_len, HEAD_DIM, BLOCK_D, MASKED)  # (BLOCK_N, D)
         v = _load_rows(v_base, cols, stride_vn, stride_vd, k_len, HEAD_DIM_V, BLOCK_DV, MASKED)  # (BLOCK_N, Dv)
-        s = _dot(q, tl.trans(k), None, IEEE)  # (BLOCK_M, BLOCK_N)
+        s = _dot(q, tl.trans(k), None, FLOAT32)  # (BLOCK_M, BLOCK_N)
         if SOFTCAP:
             s = softcap * _tanh(s * qk_scale) * LOG2E  # qk_scale is scale / softcap here
         if MASKED:
@@ -194,7 +196,7 @@ def _forward_blocks(acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_
             p = tl.exp2(s * qk_scale - shift[:, None])
         rescale = tl.exp2(row_max - shift)  # exp(m_old - m_new); 0 for a row's first keys
         row_sum = row_sum * rescale + tl.sum(p, 1)
-        acc = _dot(p.to(v.dtype), v, acc * rescale[:, None], IEEE)
+        acc = _dot(p.to(v.dtype), v, acc * rescale[:, None], FLOAT32)
         row_max = new_max
     return acc, row_sum, row_max
 
@@ -209,7 +211,7 @@ def attention_forward(
     stride_ls, stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads_kv, group, keys_per_split,
     scale, softcap, window_left, window_right,
-    VARLEN: tl.constexpr, PACK_GQA: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    VARLEN: tl.constexpr, PACK_GQA: tl.constexpr, SOFTCAP: tl.constexpr, FLOAT32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -270,15 +272,15 @@ def attention_forward(
     acc, row_sum, row_max = _forward_blocks(
         acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         first, full_start, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
-        True, SOFTCAP, IEEE, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+        True, SOFTCAP, FLOAT32, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     acc, row_sum, row_max = _forward_blocks(
         acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         full_start, full_end, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
-        False, SOFTCAP, IEEE, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+        False, SOFTCAP, FLOAT32, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     acc, row_sum, row_max = _forward_blocks(
         acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         full_end, end, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
-        True, SOFTCAP, IEEE, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+        True, SOFTCAP, FLOAT32, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
 
     # Rows that saw no key (row_sum 0) give output 0 and LSE -inf.
     seen = row_sum > 0
@@ -357,7 +359,7 @@ def attention_backward_delta(
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qm, stride_qd, stride_dom, stride_dod,
                  start, end, cols, q_len, k_len, window_left, window_right, scale, softcap,
-                 MASKED: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FLOAT32: tl.constexpr, BLOCK_M: tl.constexpr,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Accumulate dK (unscaled) and dV of one key block over the query blocks in [start, end).
 
@@ -375,7 +377,7 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qm, strid
         else:
             lse = tl.load(l_base + rows) * LOG2E
             delta = tl.load(d_base + rows)
-        s_t = _dot(k, tl.trans(q), None, IEEE)  # (BLOCK_N, BLOCK_M)
+        s_t = _dot(k, tl.trans(q), None, FLOAT32)  # (BLOCK_N, BLOCK_M)
         if SOFTCAP:
             t = _tanh(s_t * (scale / softcap))
             p_t = tl.exp2(softcap * LOG2E * t - lse[None, :])
@@ -383,12 +385,12 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qm, strid
             p_t = tl.exp2(s_t * (scale * LOG2E) - lse[None, :])
         if MASKED:
             p_t = tl.where(_visible(rows[None, :], cols[:, None], q_len, k_len, window_left, window_right), p_t, 0.0)
-        dv = _dot(p_t.to(do.dtype), do, dv, IEEE)
-        dp_t = _dot(v, tl.trans(do), None, IEEE)
+        dv = _dot(p_t.to(do.dtype), do, dv, FLOAT32)
+        dp_t = _dot(v, tl.trans(do), None, FLOAT32)
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:
             ds_t = ds_t * (1.0 - t * t)
-        dk = _dot(ds_t.to(q.dtype), q, dk, IEEE)
+        dk = _dot(ds_t.to(q.dtype), q, dk, FLOAT32)
     return dk, dv
 
 
@@ -404,7 +406,7 @@ def attention_backward_dkdv(
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads_kv, group,
     scale, softcap, window_left, window_right,
-    VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, FLOAT32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -438,13 +440,13 @@ def attention_backward_dkdv(
         d_base = Delta + b * stride_lb + head * stride_lh + q_start
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qm, stride_qd, stride_dom,
                               stride_dod, first, full_start, cols, q_len, k_len, window_left, window_right, scale,
-                              softcap, True, SOFTCAP, IEEE, BLOCK_M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+                              softcap, True, SOFTCAP, FLOAT32, BLOCK_M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qm, stride_qd, stride_dom,
                               stride_dod, full_start, full_end, cols, q_len, k_len, window_left, window_right, scale,
-                              softcap, False, SOFTCAP, IEEE, BLOCK_M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+                              softcap, False, SOFTCAP, FLOAT32, BLOCK_M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qm, stride_qd, stride_dom,
                               stride_dod, full_end, end, cols, q_len, k_len, window_left, window_right, scale,
-                              softcap, True, SOFTCAP, IEEE, BLOCK_M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+                              softcap, True, SOFTCAP, FLOAT32, BLOCK_M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     col_ok = cols < k_len
     _store_rows(DK + b * stride_dkb + head_kv * stride_dkh + k_start * stride_dkn, dk * scale, cols, stride_dkn,
                 stride_dkd, col_ok, HEAD_DIM, BLOCK_D)
@@ -455,14 +457,14 @@ def attention_backward_dkdv(
 @triton.jit
 def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                start, end, rows, q_len, k_len, window_left, window_right, scale, softcap,
-               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FLOAT32: tl.constexpr, BLOCK_N: tl.constexpr,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Accumulate dQ (unscaled) of one query block over the key blocks in [start, end)."""
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, cols, stride_kn, stride_kd, k_len, HEAD_DIM, BLOCK_D, MASKED)  # (BLOCK_N, D)
         v = _load_rows(v_base, cols, stride_vn, stride_vd, k_len, HEAD_DIM_V, BLOCK_DV, MASKED)  # (BLOCK_N, Dv)
-        s = _dot(q, tl.trans(k), None, IEEE)  # (BLOCK_M, BLOCK_N)
+        s = _dot(q, tl.trans(k), None, FLOAT32)  # (BLOCK_M, BLOCK_N)
         if SOFTCAP:
             t = _tanh(s * (scale / softcap))
             p = tl.exp2(softcap * LOG2E * t - lse[:, None])
@@ -470,11 +472,11 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stri
             p = tl.exp2(s * (scale * LOG2E) - lse[:, None])
         if MASKED:
             p = tl.where(_visible(rows[:, None], cols[None, :], q_len, k_len, window_left, window_right), p, 0.0)
-        dp = _dot(do, tl.trans(v), None, IEEE)
+        dp = _dot(do, tl.trans(v), None, FLOAT32)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq = _dot(ds.to(k.dtype), k, dq, IEEE)
+        dq = _dot(ds.to(k.dtype), k, dq, FLOAT32)
     return dq
 
 
@@ -489,7 +491,7 @@ def attention_backward_dq(
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads_kv, group,
     scale, softcap, window_left, window_right,
-    VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, FLOAT32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -524,12 +526,12 @@ def attention_backward_dq(
     v_base = V + b * stride_vb + head_kv * stride_vh + k_start * stride_vn
     dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                     first, full_start, rows, q_len, k_len, window_left, window_right, scale, softcap,
-                    True, SOFTCAP, IEEE, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+                    True, SOFTCAP, FLOAT32, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                     full_start, full_end, rows, q_len, k_len, window_left, window_right, scale, softcap,
-                    False, SOFTCAP, IEEE, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+                    False, SOFTCAP, FLOAT32, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                     full_end, end, rows, q_len, k_len, window_left, window_right, scale, softcap,
-                    True, SOFTCAP, IEEE, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+                    True, SOFTCAP, FLOAT32, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     _store_rows(DQ + b * stride_dqb + head * stride_dqh + q_start * stride_dqm, dq * scale, rows, stride_dqm,
                 stride_dqd, row_ok, HEAD_DIM, BLOCK_D)

@@ -1,0 +1,153 @@
+"""The Triton backend's launcher and tuner, on the CPU (kernels in Triton's interpreter).
+
+The kernels' exactness is the conformance suite's job (tests/test_conformance.py); here: the
+split-KV decoding path and its merge kernel, the tuner's buckets and choices, the configuration
+knobs, and what explain() says about the tuner.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from flashdispatch import attention, explain  # noqa: E402
+from flashdispatch.backends.reference import attention_math  # noqa: E402
+from flashdispatch.backends.triton import TritonBackend, kernels  # noqa: E402
+from flashdispatch.backends.triton import configs  # noqa: E402
+from flashdispatch.backends import triton as triton_backend  # noqa: E402
+from flashdispatch.dispatcher.capabilities import capabilities  # noqa: E402
+from flashdispatch.dispatcher.problem import build_problem  # noqa: E402
+
+
+class _Counting:
+    """Wraps a Triton kernel, counting launches (`kernel[grid](...)`)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("seqlen_q", [1, 5, 16])
+@pytest.mark.parametrize("mask", ["none", "causal", "window"])
+def test_decoding_splits_the_keys_and_merges_them_exactly(monkeypatch, seqlen_q, mask):
+    merge = _Counting(kernels.merge_splits)
+    monkeypatch.setattr(kernels, "merge_splits", merge)
+    monkeypatch.setattr(triton_backend, "DECODE_PROGRAMS_PER_SM", 64)  # split even on a one-core machine
+    gen = torch.Generator().manual_seed(seqlen_q)
+    q = torch.randn(2, 8, seqlen_q, 32, generator=gen, dtype=torch.float16)
+    k = torch.randn(2, 2, 300, 32, generator=gen, dtype=torch.float16)
+    v = torch.randn(2, 2, 300, 32, generator=gen, dtype=torch.float16)
+    options = dict(causal=mask == "causal", window=(40, 0) if mask == "window" else None)
+    out, lse = attention(q, k, v, backend="triton", return_lse=True, **options)
+    assert merge.launches == 1, "300 keys in blocks of 64 must be split across programs, then merged"
+    problem = build_problem(q, k, v, **options)
+    ref, ref_lse = attention_math(q, k, v, scale=problem.scale, window_left=problem.window_left,
+                                  window_right=problem.window_right)
+    assert (out.double() - ref).abs().max() < 4e-3
+    assert (lse.double() - ref_lse).abs().max() < 1e-4
+
+
+def test_length_buckets_group_lengths_within_a_factor_of_four():
+    assert [configs._length_bucket(n) for n in (1, 1024, 1025, 4096, 4097, 16384, 70000)] == [
+        1024, 1024, 4096, 4096, 16384, 16384, 262144]
+
+
+def test_every_candidate_configuration_is_well_formed():
+    for kernel in configs.KERNELS:
+        for generation in ("sm80", "sm90"):
+            for dim_class in ("64", "128", "256"):
+                options = configs.CANDIDATES[(kernel, generation, dim_class)]
+                assert options and len(set(options)) == len(options)
+                for c in options:
+                    assert c.block_m >= 16 and c.block_m & (c.block_m - 1) == 0, (kernel, c)
+                    assert c.block_n >= 16 and c.block_n & (c.block_n - 1) == 0, (kernel, c)
+                    assert c.num_warps in (1, 2, 4, 8) and c.num_stages >= 1, (kernel, c)
+
+
+def test_forced_configurations_are_parsed_and_bad_ones_named(monkeypatch):
+    monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", "forward=128,64,8,3; dq=64,32,4,2")
+    assert configs._forced() == {"forward": configs.Config(128, 64, 8, 3), "dq": configs.Config(64, 32, 4, 2)}
+    for bad in ("fwd=128,64,8,3", "forward=128,64,8", "forward=a,b,c,d"):
+        monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", bad)
+        with pytest.raises(ValueError, match="FLASHDISPATCH_TRITON_CONFIG"):
+            configs._forced()
+
+
+class _FakeTimedTuner(configs.Tuner):
+    """A tuner whose timings are given, so the choosing logic runs without a GPU."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+        self.first_runs = []
+
+    def _first_run(self, launch, config):
+        self.first_runs.append(config)
+        if self.seconds[config] is None:
+            raise RuntimeError("out of resource: shared memory")
+        return 0.5
+
+    def _median_seconds(self, launch, config):
+        return self.seconds[config]
+
+
+def _problem(seqlen, causal=False, dtype=torch.float16):
+    q = torch.empty(1, 4, seqlen, 64, dtype=dtype)
+    return build_problem(q, q, q, causal=causal)
+
+
+def test_tuner_keeps_the_fastest_candidate_per_bucket(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    caps = capabilities(torch.device("cpu"))
+    options = [configs.Config(128, 64, 4, 3), configs.Config(64, 64, 4, 3), configs.Config(128, 128, 8, 3)]
+    monkeypatch.setattr(configs, "candidates", lambda kernel, problem, caps: options)
+    tuner = _FakeTimedTuner({options[0]: 3e-3, options[1]: 1e-3, options[2]: None})
+    chosen = tuner.choose("forward", _problem(3000), caps, launch=None)
+    assert chosen == options[1]  # fastest; the one that failed to run is skipped
+    assert "tuned over 3 candidates" in tuner.known("forward", _problem(3000), caps).how
+    # Same bucket (a new length within it): no new tuning. Another bucket or a mask: tuned again.
+    tuner.first_runs.clear()
+    assert tuner.choose("forward", _problem(2000), caps, launch=None) == options[1]
+    assert tuner.first_runs == []
+    tuner.choose("forward", _problem(5000), caps, launch=None)
+    tuner.choose("forward", _problem(3000, causal=True), caps, launch=None)
+    assert len(tuner.first_runs) == 6
+
+
+def test_tuner_takes_the_first_candidate_when_autotuning_is_off(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("FLASHDISPATCH_TRITON_AUTOTUNE", "0")
+    caps = capabilities(torch.device("cpu"))
+    options = [configs.Config(128, 64, 4, 3), configs.Config(64, 64, 4, 3)]
+    monkeypatch.setattr(configs, "candidates", lambda kernel, problem, caps: options)
+    tuner = _FakeTimedTuner({options[0]: 3e-3, options[1]: 1e-3})
+    assert tuner.choose("dq", _problem(100), caps, launch=None) == options[0]
+    assert tuner.first_runs == [options[0]]
+    assert "autotuning off" in tuner.known("dq", _problem(100), caps).how
+
+
+def test_explain_shows_the_tuner_state_of_the_chosen_triton_kernels():
+    configs.TUNER.clear()
+    q = torch.randn(1, 2, 40, 32, dtype=torch.float16, requires_grad=True)
+    before = str(explain(q, q, q, causal=True, backend="triton"))
+    assert "note    : triton: forward kernel: not run yet in this shape bucket" in before
+    assert "note    : triton: dq kernel: not run yet" in before
+    attention(q, q, q, causal=True, backend="triton").sum().backward()
+    after = str(explain(q, q, q, causal=True, backend="triton"))
+    assert "note    : triton: forward kernel: BLOCK_M=64 BLOCK_N=64" in after
+    assert "dkdv kernel: BLOCK_M=64 BLOCK_N=64 warps=4 stages=1 (the interpreter's configuration)" in after
+
+
+def test_notes_of_a_backend_that_raises_do_not_break_explain(monkeypatch):
+    def broken(self, problem, caps):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(TritonBackend, "notes", broken)
+    q = torch.randn(1, 2, 8, 32, dtype=torch.float16)
+    assert "its notes() raised RuntimeError: boom" in str(explain(q, q, q, backend="triton"))
