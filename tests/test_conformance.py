@@ -468,3 +468,25 @@ def test_settings_from_env():
     with pytest.raises(ValueError, match="dtype"):
         conformance.parse_dtypes("float8")
 
+
+
+def test_shards_partition_the_cases_by_whole_dtype_and_head_dim_groups():
+    everything = cases(ReferenceBackend(), "full", "cpu")
+    parts = [conformance.shard_of(everything, (i, 4)) for i in range(4)]
+    ids = [c.id for part in parts for c in part]
+    assert sorted(ids) == sorted(c.id for c in everything) and len(ids) == len(set(ids))
+    owner = {}
+    for i, part in enumerate(parts):
+        assert part, "every shard gets work"
+        for c in part:
+            assert owner.setdefault((c.dtype, c.head_dim, c.head_dim_v), i) == i
+    with pytest.raises(ValueError, match="shard"):
+        conformance.shard_of(everything, (4, 4))
+
+
+def test_verify_rejects_a_malformed_shard(capsys):
+    from flashdispatch.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["verify", "--shard", "3of4"])
+    assert "expected I/N" in capsys.readouterr().err
