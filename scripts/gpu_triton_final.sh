@@ -2,12 +2,7 @@
 # One device call: the full conformance tier for `triton` in 15 parallel shards (autotuning off, so
 # each case compiles one configuration), then, alone on the GPU, the side-by-side benchmark with
 # autotuning on (prefill and decode grids, against sdpa-flash and sdpa-cudnn). Logs to $OUT.
-set -uo pipefail
-out=${OUT:-/tmp/flashdispatch-out}
-mkdir -p "$out"
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-{ echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$out/env.log"
+source "$(dirname "$0")/gpu_common.sh"
 start=$(date +%s)
 shards=${SHARDS:-15}
 for i in $(seq 0 $((shards - 1))); do

@@ -2,12 +2,7 @@
 # One device call: the full conformance tier for `triton` (8 shards in parallel, autotuning off so
 # every case compiles one configuration) while the sweep compiles its configurations, then the
 # sweep's timing phase alone on the GPU. Logs to $OUT.
-set -uo pipefail
-out=${OUT:-/tmp/flashdispatch-out}
-mkdir -p "$out"
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-{ echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$out/env.log"
+source "$(dirname "$0")/gpu_common.sh"
 start=$(date +%s)
 for i in 0 1 2 3 4 5 6 7; do
   FLASHDISPATCH_TRITON_AUTOTUNE=0 timeout ${VERIFY_TIMEOUT:-330} python3 -m flashdispatch verify --backend triton \

@@ -1,12 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the full conformance tier for `triton` in parallel shards (autotuning off, so each
 # case compiles one configuration), each case's time in the log; then the decode benchmark alone.
-set -uo pipefail
-out=${OUT:-/tmp/flashdispatch-out}
-mkdir -p "$out"
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-{ echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$out/env.log"
+source "$(dirname "$0")/gpu_common.sh"
 start=$(date +%s)
 shards=${SHARDS:-15}
 mkdir -p "$out/shards"

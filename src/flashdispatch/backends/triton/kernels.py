@@ -159,6 +159,16 @@ def _query_ranges(col_lo, col_hi, q_len, k_len, window_left, window_right, BLOCK
     return first, full_start, full_end, end
 
 
+@triton.jit
+def _key_block(q, k_base, v_base, cols, stride_kn, stride_kd, stride_vn, stride_vd, k_len,
+               CHECK_ROWS: tl.constexpr, FLOAT32: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """K (BLOCK_N, D) and V (BLOCK_N, Dv) at key rows `cols`, and the raw scores q K^T (BLOCK_M, BLOCK_N)."""
+    k = _load_rows(k_base, cols, stride_kn, stride_kd, k_len, HEAD_DIM, BLOCK_D, CHECK_ROWS)
+    v = _load_rows(v_base, cols, stride_vn, stride_vd, k_len, HEAD_DIM_V, BLOCK_DV, CHECK_ROWS)
+    return k, v, _dot(q, tl.trans(k), None, FLOAT32)
+
+
 # Forward
 
 
@@ -174,9 +184,8 @@ def _forward_blocks(acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_
     """
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, cols, stride_kn, stride_kd, k_len, HEAD_DIM, BLOCK_D, MASKED)  # (BLOCK_N, D)
-        v = _load_rows(v_base, cols, stride_vn, stride_vd, k_len, HEAD_DIM_V, BLOCK_DV, MASKED)  # (BLOCK_N, Dv)
-        s = _dot(q, tl.trans(k), None, FLOAT32)  # (BLOCK_M, BLOCK_N)
+        k, v, s = _key_block(q, k_base, v_base, cols, stride_kn, stride_kd, stride_vn, stride_vd, k_len,
+                             MASKED, FLOAT32, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
         if SOFTCAP:
             s = softcap * _tanh(s * qk_scale) * LOG2E  # qk_scale is scale / softcap here
         if MASKED:
@@ -462,9 +471,8 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stri
     """Accumulate dQ (unscaled) of one query block over the key blocks in [start, end)."""
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, cols, stride_kn, stride_kd, k_len, HEAD_DIM, BLOCK_D, MASKED)  # (BLOCK_N, D)
-        v = _load_rows(v_base, cols, stride_vn, stride_vd, k_len, HEAD_DIM_V, BLOCK_DV, MASKED)  # (BLOCK_N, Dv)
-        s = _dot(q, tl.trans(k), None, FLOAT32)  # (BLOCK_M, BLOCK_N)
+        k, v, s = _key_block(q, k_base, v_base, cols, stride_kn, stride_kd, stride_vn, stride_vd, k_len,
+                             MASKED, FLOAT32, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
         if SOFTCAP:
             t = _tanh(s * (scale / softcap))
             p = tl.exp2(softcap * LOG2E * t - lse[:, None])
