@@ -389,7 +389,7 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, l_base, d_base, stride_qm, strid
         s_t = _dot(k, tl.trans(q), None, FLOAT32)  # (BLOCK_N, BLOCK_M)
         if SOFTCAP:
             t = _tanh(s_t * (scale / softcap))
-            p_t = tl.exp2(softcap * LOG2E * t - lse[None, :])
+            p_t = tl.exp2(softcap * t * LOG2E - lse[None, :])
         else:
             p_t = tl.exp2(s_t * (scale * LOG2E) - lse[None, :])
         if MASKED:
@@ -475,7 +475,7 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stri
                              MASKED, FLOAT32, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
         if SOFTCAP:
             t = _tanh(s * (scale / softcap))
-            p = tl.exp2(softcap * LOG2E * t - lse[:, None])
+            p = tl.exp2(softcap * t * LOG2E - lse[:, None])
         else:
             p = tl.exp2(s * (scale * LOG2E) - lse[:, None])
         if MASKED:
