@@ -26,7 +26,8 @@ if not HAS_GPU:
 import flashdispatch  # noqa: E402
 from flashdispatch.dispatcher import policy as policy_module  # noqa: E402
 
-ENV_VARS = ("FLASHDISPATCH_BACKEND", "FLASHDISPATCH_CONFIG", "FLASHDISPATCH_DISABLE_PLUGINS")
+ENV_VARS = ("FLASHDISPATCH_BACKEND", "FLASHDISPATCH_CONFIG", "FLASHDISPATCH_DISABLE_PLUGINS", "FLASHDISPATCH_TRITON_AUTOTUNE",
+            "FLASHDISPATCH_TRITON_CONFIG")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -47,9 +48,10 @@ def _load_registry_once():
 
 
 @pytest.fixture(autouse=True)
-def clean_state(monkeypatch):
+def clean_state(monkeypatch, tmp_path):
     for name in ENV_VARS:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FLASHDISPATCH_CACHE_DIR", str(tmp_path / "flashdispatch-cache"))  # never the user's
     flashdispatch.configure(None)
     flashdispatch.clear_decisions()
     plugins_before = {p.name for p in flashdispatch.plugins()}

@@ -151,3 +151,39 @@ def test_notes_of_a_backend_that_raises_do_not_break_explain(monkeypatch):
     monkeypatch.setattr(TritonBackend, "notes", broken)
     q = torch.randn(1, 2, 8, 32, dtype=torch.float16)
     assert "its notes() raised RuntimeError: boom" in str(explain(q, q, q, backend="triton"))
+
+
+def test_tuned_choices_are_saved_and_reused_by_a_new_process(monkeypatch, tmp_path):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    caps = capabilities(torch.device("cpu"))
+    options = [configs.Config(128, 64, 4, 3), configs.Config(64, 64, 4, 3)]
+    monkeypatch.setattr(configs, "candidates", lambda kernel, problem, caps: options)
+    first = _FakeTimedTuner({options[0]: 3e-3, options[1]: 1e-3})
+    assert first.choose("dkdv", _problem(4000), caps, launch=None) == options[1]
+    assert (tmp_path / "flashdispatch-cache" / "triton-tuning.json").exists()
+    later = _FakeTimedTuner({options[0]: 1e-3, options[1]: 3e-3})  # a new process: nothing in memory
+    assert later.choose("dkdv", _problem(4000), caps, launch=None) == options[1]
+    assert later.first_runs == [], "a saved choice needs no compiling of the other candidates, no timing"
+    assert "tuned on an earlier run" in later.known("dkdv", _problem(4000), caps).how
+    # A saved choice that is no longer a candidate (the lists changed) is tuned again.
+    monkeypatch.setattr(configs, "candidates", lambda kernel, problem, caps: options[:1] + [configs.Config(32, 32, 4, 2)])
+    again = _FakeTimedTuner({options[0]: 1e-3, configs.Config(32, 32, 4, 2): 3e-3})
+    assert again.choose("dkdv", _problem(4000), caps, launch=None) == options[0]
+    assert len(again.first_runs) == 2
+
+
+def test_an_unusable_cache_folder_costs_only_a_retuning(monkeypatch, tmp_path):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("FLASHDISPATCH_CACHE_DIR", str(blocker))
+    caps = capabilities(torch.device("cpu"))
+    options = [configs.Config(128, 64, 4, 3), configs.Config(64, 64, 4, 3)]
+    monkeypatch.setattr(configs, "candidates", lambda kernel, problem, caps: options)
+    assert _FakeTimedTuner({options[0]: 1e-3, options[1]: 3e-3}).choose("dq", _problem(64), caps, None) == options[0]
+    monkeypatch.setenv("FLASHDISPATCH_CACHE_DIR", str(tmp_path / "corrupt"))
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "triton-tuning.json").write_text("{not json")
+    tuner = _FakeTimedTuner({options[0]: 3e-3, options[1]: 1e-3})
+    assert tuner.choose("dq", _problem(64), caps, None) == options[1]
+    assert len(tuner.first_runs) == 2

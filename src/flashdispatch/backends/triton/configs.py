@@ -7,7 +7,12 @@ times every candidate on the caller's own tensors and keeps the fastest for the 
 sequence length in the same bucket reuses the choice. It logs the compile and tuning time, and
 `notes()` shows them in `explain()`.
 
+Tuned choices are also kept on disk (`triton-tuning.json` in the cache folder), keyed by GPU
+model, Triton version and a hash of the kernels' source, so a later process compiles only the
+chosen configuration and times nothing.
+
 Environment:
+    FLASHDISPATCH_CACHE_DIR           the cache folder (default ~/.cache/flashdispatch)
     FLASHDISPATCH_TRITON_AUTOTUNE=0   take the first candidate without timing (no tuning runs)
     FLASHDISPATCH_TRITON_CONFIG       force configurations, e.g. "forward=128,64,8,3;dq=64,64,4,3"
                                       (BLOCK_M, BLOCK_N, num_warps, num_stages), for experiments
@@ -15,11 +20,16 @@ Environment:
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -135,14 +145,70 @@ def _forced() -> dict[str, Config]:
 @dataclass(frozen=True)
 class Choice:
     config: Config
-    how: str  # "forced", "only candidate", "first candidate (autotuning off)", "tuned: ..."
+    how: str  # "only candidate", "first candidate (autotuning off)", "tuned ...", "tuned on an earlier run ..."
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FLASHDISPATCH_CACHE_DIR") or Path.home() / ".cache" / "flashdispatch")
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels_fingerprint() -> str:
+    """Triton's version and a hash of the kernels' source: a tuned choice is only valid for both."""
+    import triton
+
+    source = (Path(__file__).parent / "kernels.py").read_bytes() + Path(__file__).read_bytes()
+    return f"triton {triton.__version__}, kernels {hashlib.sha256(source).hexdigest()[:16]}"
+
+
+def _disk_key(bucket_key: tuple, caps: Capabilities) -> str:
+    kernel, _device, *shape = bucket_key
+    return " | ".join([caps.name, str(caps.compute_capability), _kernels_fingerprint(), kernel] + [str(x) for x in shape])
+
+
+class TuningCache:
+    """Tuned choices on disk (one JSON file); unreadable or unwritable files only cost a re-tuning."""
+
+    FILE = "triton-tuning.json"
+
+    def path(self) -> Path:
+        return cache_dir() / self.FILE
+
+    def _load(self) -> dict:
+        try:
+            data = json.loads(self.path().read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, key: str) -> Config | None:
+        entry = self._load().get(key)
+        try:
+            return Config(*entry) if entry is not None else None
+        except TypeError:
+            return None
+
+    def put(self, key: str, config: Config) -> None:
+        path = self.path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data = self._load()
+            data[key] = [config.block_m, config.block_n, config.num_warps, config.num_stages]
+            # Write a temporary file and rename it over the old one, so that a reader in another
+            # process sees the old file or the new one, never half of one.
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+                json.dump(data, f, indent=0, sort_keys=True)
+            os.replace(f.name, path)
+        except OSError as exc:
+            log.info("flashdispatch triton: could not save a tuned configuration to %s (%s)", path, exc)
 
 
 class Tuner:
     """Remembers one configuration per bucket; times the candidates on the first call of a bucket."""
 
-    def __init__(self):
+    def __init__(self, disk: TuningCache | None = None):
         self._chosen: dict[tuple, Choice] = {}
+        self.disk = disk or TuningCache()
 
     def clear(self) -> None:
         self._chosen.clear()
@@ -167,6 +233,11 @@ class Tuner:
         if os.environ.get("TRITON_INTERPRET") == "1":
             return Choice(options[0], "the interpreter's configuration")
         autotune = os.environ.get("FLASHDISPATCH_TRITON_AUTOTUNE", "1") != "0"
+        if len(options) > 1 and autotune:
+            key = _disk_key(bucket(kernel, problem, caps), caps)
+            saved = self.disk.get(key)
+            if saved in options:
+                return Choice(saved, f"tuned on an earlier run on this GPU (saved in {self.disk.path()})")
         if len(options) == 1 or not autotune:
             seconds = self._first_run(launch, options[0])
             why = "only candidate" if len(options) == 1 else "first candidate (autotuning off)"
@@ -191,6 +262,7 @@ class Tuner:
         how = (f"tuned over {len(options)} candidates on the first call of its shape bucket "
                f"({total:.1f} s, of which {first_runs:.1f} s compiling and first runs); {timings[best] * 1e6:.0f} us")
         log.info("flashdispatch triton: %s kernel for %s: %s, %s", kernel, problem.describe(), best, how)
+        self.disk.put(key, best)
         return Choice(best, how)
 
     @staticmethod
