@@ -71,9 +71,9 @@ def test_every_candidate_configuration_is_well_formed():
 
 
 def test_forced_configurations_are_parsed_and_bad_ones_named(monkeypatch):
-    monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", "forward=128,64,8,3; dq=64,32,4,2")
-    assert configs._forced() == {"forward": configs.Config(128, 64, 8, 3), "dq": configs.Config(64, 32, 4, 2)}
-    for bad in ("fwd=128,64,8,3", "forward=128,64,8", "forward=a,b,c,d"):
+    monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", "forward=128,64,8,3,tma; dq=64,32,4,2")
+    assert configs._forced() == {"forward": configs.Config(128, 64, 8, 3, tma=True), "dq": configs.Config(64, 32, 4, 2)}
+    for bad in ("fwd=128,64,8,3", "forward=128,64,8", "forward=a,b,c,d", "forward=128,64,8,3,fast"):
         monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", bad)
         with pytest.raises(ValueError, match="FLASHDISPATCH_TRITON_CONFIG"):
             configs._forced()
@@ -187,3 +187,41 @@ def test_an_unusable_cache_folder_costs_only_a_retuning(monkeypatch, tmp_path):
     tuner = _FakeTimedTuner({options[0]: 3e-3, options[1]: 1e-3})
     assert tuner.choose("dq", _problem(64), caps, None) == options[1]
     assert len(tuner.first_runs) == 2
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd", "varlen"])
+def test_tma_descriptor_loads_give_the_plain_loads_results(monkeypatch, layout):
+    built = []
+    real = triton_backend._descriptors
+    monkeypatch.setattr(triton_backend, "_descriptors", lambda *a: built.append(real(*a)) or built[-1])
+    gen = torch.Generator().manual_seed(7)
+    lengths = [50, 130, 17]
+    if layout == "varlen":
+        q = torch.randn(sum(lengths), 4, 64, generator=gen, dtype=torch.float16)
+        k = torch.randn(sum(lengths), 2, 64, generator=gen, dtype=torch.float16)
+        cu = torch.tensor([0, 50, 180, 197], dtype=torch.int32)
+        options = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=130, max_seqlen_k=130)
+    else:
+        shape_q, shape_k = ((2, 4, 130, 64), (2, 2, 150, 64)) if layout == "bhsd" else ((2, 130, 4, 64), (2, 150, 2, 64))
+        q = torch.randn(shape_q, generator=gen, dtype=torch.float16)
+        k = torch.randn(shape_k, generator=gen, dtype=torch.float16)
+        options = dict(layout=layout)
+    v = torch.randn_like(k)
+    monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", "forward=64,32,4,1")
+    plain = attention(q, k, v, causal=True, backend="triton", **options)
+    monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", "forward=64,32,4,1,tma")
+    through_tma = attention(q, k, v, causal=True, backend="triton", **options)
+    assert built and built[-1] is not None, "contiguous 16-byte-aligned K and V must get descriptors"
+    assert torch.equal(plain, through_tma)
+
+
+def test_tma_is_not_used_where_strides_or_head_dims_do_not_allow_it():
+    from flashdispatch.backends.triton import _descriptors
+
+    config = configs.Config(64, 64, 4, 1, tma=True)
+    q = torch.randn(1, 2, 64, 40, dtype=torch.float16)  # head dim 40: a 64-wide tile would overhang
+    assert _descriptors(q, q, build_problem(q, q, q), config) is None
+    wide = torch.randn(1, 2, 64, 67, dtype=torch.float16)[..., :64]  # rows 134 bytes apart: unaligned
+    assert _descriptors(wide, wide, build_problem(wide, wide, wide), config) is None
+    dense = torch.randn(1, 2, 64, 64, dtype=torch.float16)
+    assert _descriptors(dense, dense, build_problem(dense, dense, dense), config) is not None

@@ -42,29 +42,36 @@ def signature(fn, constexprs, dtype):
             sig[name] = "*i32"
         elif name in ("scale", "softcap"):
             sig[name] = "fp32"
+        elif name.startswith("desc_"):
+            block = constexprs["BLOCK_N"], constexprs["BLOCK_D"]
+            sig[name] = f"tensordesc<{dtype}[1,1,{block[0]},{block[1]}]>"
         else:
             sig[name] = "i32"
     return sig
 
 # Cold compiles take seconds each, so a few variants that between them reach every branch of the
 # kernels: varlen + softcap with a padded head dim (40 in a 64 tile), the packed-GQA decoding
-# forward, the float32 (3xTF32 dot) variant with an unpadded head dim, and the split merge and delta
-# kernels.
-def variants():
+# forward, the float32 (3xTF32 dot) variant with an unpadded head dim, the split merge and delta
+# kernels, and (sm90 only: tensor descriptors need Hopper) the forward loading K and V through TMA.
+def variants(arch):
     for varlen, softcap, dtype, float32, (head_dim, block_d) in (
             (True, True, "bf16", False, (40, 64)), (False, False, "fp32", True, (128, 128))):
         common = dict(VARLEN=varlen, SOFTCAP=softcap, FLOAT32=float32, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=head_dim,
                       HEAD_DIM_V=head_dim, BLOCK_D=block_d, BLOCK_DV=block_d)
-        yield dtype, kernels.attention_forward, dict(common, PACK_GQA=not varlen)
+        yield dtype, kernels.attention_forward, dict(common, PACK_GQA=not varlen, TMA=False, desc_k=None, desc_v=None)
         yield dtype, kernels.attention_backward_dkdv, common
         yield dtype, kernels.attention_backward_dq, common
         yield dtype, kernels.attention_backward_delta, dict(VARLEN=varlen, BLOCK_M=64, HEAD_DIM_V=head_dim,
                                                             BLOCK_DV=block_d)
         yield dtype, kernels.merge_splits, dict(HEAD_DIM_V=head_dim, BLOCK_S=16, BLOCK_DV=block_d)
+    if arch >= 90:
+        yield "bf16", kernels.attention_forward, dict(
+            VARLEN=False, SOFTCAP=False, FLOAT32=False, PACK_GQA=False, TMA=True, BLOCK_M=128, BLOCK_N=128,
+            HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_D=128, BLOCK_DV=128)
 
 failures = 0
 for arch in (80, 90):
-    for dtype, fn, constexprs in variants():
+    for dtype, fn, constexprs in variants(arch):
         src = ASTSource(fn=fn, signature=signature(fn, constexprs, dtype),
                         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
         try:

@@ -79,6 +79,29 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _descriptors(k, v, problem: Problem, config: Config):
+    """(K, V) as (B, Hkv, N, D) TMA tensor descriptors of (1, 1, BLOCK_N, D) blocks, or None where
+    TMA cannot address them: unaligned base or strides, a non-unit last stride, or a padded head
+    dim (the tile would be wider than the tensor)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    descriptors = []
+    for t, dim in ((k, problem.head_dim), (v, problem.head_dim_v)):
+        if dim != _block(dim):
+            return None
+        batch_stride, head_stride, token_stride, dim_stride = _strides(t, problem.layout)
+        if problem.varlen:
+            shape = [1, t.shape[1], t.shape[0], dim]
+            batch_stride = t.shape[0] * token_stride
+        else:
+            shape = [problem.batch, problem.heads_kv, problem.seqlen_k, dim]
+        strides = [batch_stride, head_stride, token_stride, dim_stride]
+        if dim_stride != 1 or t.data_ptr() % 16 or any(x * t.element_size() % 16 for x in strides[:3]):
+            return None
+        descriptors.append(TensorDescriptor(t, shape, strides, [1, 1, config.block_n, dim]))
+    return descriptors
+
+
 def _kernel_args(config: Config, problem: Problem) -> dict:
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_DIM=problem.head_dim,
                 HEAD_DIM_V=problem.head_dim_v, BLOCK_D=_block(problem.head_dim), BLOCK_DV=_block(problem.head_dim_v),
@@ -160,13 +183,19 @@ class TritonBackend(Backend):
                 lse = torch.empty((splits,) + lse_shape, dtype=torch.float32, device=q.device)
                 out_strides = (out.stride(0),) + _strides(out[0], "bhsd")
                 lse_strides = (lse.stride(0),) + _lse_strides(problem)
+            tma = None
+            hopper = _interpreting() or (caps.compute_capability or (0, 0)) >= (9, 0)
+            if config.tma and hopper and not decoding:
+                tma = _descriptors(k, v, problem, config)
             kernels.attention_forward[(_cdiv(rows, block_m), problem.batch * heads, splits)](
                 q, k, v, out, lse,
                 cu_seqlens_q if problem.varlen else dummy, cu_seqlens_k if problem.varlen else dummy,
+                *(tma or (None, None)),
                 *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *out_strides, *lse_strides,
                 problem.seqlen_q, problem.seqlen_k, problem.heads_kv, problem.group_size, keys_per_split,
                 problem.scale, problem.softcap or 1.0, problem.window_left, problem.window_right,
                 VARLEN=problem.varlen, PACK_GQA=pack, SOFTCAP=bool(problem.softcap), FLOAT32=q.dtype == torch.float32,
+                TMA=tma is not None,
                 **_kernel_args(Config(block_m, config.block_n, config.num_warps, config.num_stages), problem),
             )
             if splits == 1:

@@ -14,8 +14,9 @@ chosen configuration and times nothing.
 Environment:
     FLASHDISPATCH_CACHE_DIR           the cache folder (default ~/.cache/flashdispatch)
     FLASHDISPATCH_TRITON_AUTOTUNE=0   take the first candidate without timing (no tuning runs)
-    FLASHDISPATCH_TRITON_CONFIG       force configurations, e.g. "forward=128,64,8,3;dq=64,64,4,3"
-                                      (BLOCK_M, BLOCK_N, num_warps, num_stages), for experiments
+    FLASHDISPATCH_TRITON_CONFIG       force configurations, e.g. "forward=128,64,8,3,tma;dq=64,64,4,3"
+                                      (BLOCK_M, BLOCK_N, num_warps, num_stages, and for the forward
+                                      an optional tma), for experiments
 """
 
 from __future__ import annotations
@@ -48,9 +49,13 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
+    # Forward only, sm90 and later: K and V through TMA tensor descriptors (plain loads where
+    # strides or head dims do not allow a descriptor).
+    tma: bool = False
 
     def __str__(self) -> str:
-        return f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} stages={self.num_stages}"
+        tma = " tma" if self.tma else ""
+        return f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} stages={self.num_stages}{tma}"
 
 
 def _c(*values: int) -> Config:
@@ -131,14 +136,16 @@ def _forced() -> dict[str, Config]:
     for item in filter(None, (part.strip() for part in text.split(";"))):
         kernel, _, values = item.partition("=")
         kernel = kernel.strip()
+        fields = [x.strip() for x in values.split(",")]
+        flags = set(fields[4:])
         try:
-            numbers = [int(x) for x in values.split(",")]
-            if kernel not in KERNELS or len(numbers) != 4:
+            numbers = [int(x) for x in fields[:4]]
+            if kernel not in KERNELS or len(numbers) != 4 or not flags <= {"tma"}:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"FLASHDISPATCH_TRITON_CONFIG: expected 'kernel=BLOCK_M,BLOCK_N,warps,stages' with "
-                             f"kernel one of {', '.join(KERNELS)}; got {item!r}") from None
-        forced[kernel] = Config(*numbers)
+            raise ValueError(f"FLASHDISPATCH_TRITON_CONFIG: expected 'kernel=BLOCK_M,BLOCK_N,warps,stages[,tma]' "
+                             f"with kernel one of {', '.join(KERNELS)}; got {item!r}") from None
+        forced[kernel] = Config(*numbers, tma="tma" in flags)
     return forced
 
 
@@ -193,7 +200,7 @@ class TuningCache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             data = self._load()
-            data[key] = [config.block_m, config.block_n, config.num_warps, config.num_stages]
+            data[key] = [config.block_m, config.block_n, config.num_warps, config.num_stages, config.tma]
             # Write a temporary file and rename it over the old one, so that a reader in another
             # process sees the old file or the new one, never half of one.
             with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:

@@ -160,13 +160,21 @@ def _query_ranges(col_lo, col_hi, q_len, k_len, window_left, window_right, BLOCK
 
 
 @triton.jit
-def _key_block(q, k_base, v_base, cols, stride_kn, stride_kd, stride_vn, stride_vd, k_len,
-               CHECK_ROWS: tl.constexpr, FLOAT32: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """K (BLOCK_N, D) and V (BLOCK_N, Dv) at key rows `cols`, and the raw scores q K^T (BLOCK_M, BLOCK_N)."""
-    k = _load_rows(k_base, cols, stride_kn, stride_kd, k_len, HEAD_DIM, BLOCK_D, CHECK_ROWS)
-    v = _load_rows(v_base, cols, stride_vn, stride_vd, k_len, HEAD_DIM_V, BLOCK_DV, CHECK_ROWS)
-    return k, v, _dot(q, tl.trans(k), None, FLOAT32)
+def _key_block(q, n0, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, k_len,
+               desc_k, desc_v, tma_batch, tma_head, k_start,
+               CHECK_ROWS: tl.constexpr, TMA: tl.constexpr, FLOAT32: tl.constexpr, BLOCK_N: tl.constexpr,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Key block n0: its key indices, K (BLOCK_N, D), V (BLOCK_N, Dv), and the raw scores q K^T
+    (BLOCK_M, BLOCK_N). TMA: through the (B, H, N, D) tensor descriptors, which zero-fill rows and
+    columns outside the tensor (rows of a packed batch's next sequence are masked by the caller)."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    if TMA:
+        k = desc_k.load([tma_batch, tma_head, k_start + n0, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = desc_v.load([tma_batch, tma_head, k_start + n0, 0]).reshape(BLOCK_N, BLOCK_DV)
+    else:
+        k = _load_rows(k_base, cols, stride_kn, stride_kd, k_len, HEAD_DIM, BLOCK_D, CHECK_ROWS)
+        v = _load_rows(v_base, cols, stride_vn, stride_vd, k_len, HEAD_DIM_V, BLOCK_DV, CHECK_ROWS)
+    return cols, k, v, _dot(q, tl.trans(k), None, FLOAT32)
 
 
 # Forward
@@ -174,8 +182,10 @@ def _key_block(q, k_base, v_base, cols, stride_kn, stride_kd, stride_vn, stride_
 
 @triton.jit
 def _forward_blocks(acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                    desc_k, desc_v, tma_batch, tma_head, k_start,
                     start, end, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
-                    MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FLOAT32: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FLOAT32: tl.constexpr, TMA: tl.constexpr,
+                    BLOCK_N: tl.constexpr,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Online softmax over the key blocks in [start, end): running max, sum and unnormalised output.
 
@@ -183,9 +193,9 @@ def _forward_blocks(acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_
     are formed in that domain already).
     """
     for n0 in range(start, end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        k, v, s = _key_block(q, k_base, v_base, cols, stride_kn, stride_kd, stride_vn, stride_vd, k_len,
-                             MASKED, FLOAT32, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+        cols, k, v, s = _key_block(q, n0, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, k_len,
+                                   desc_k, desc_v, tma_batch, tma_head, k_start,
+                                   MASKED, TMA, FLOAT32, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
         if SOFTCAP:
             s = softcap * _tanh(s * qk_scale) * LOG2E  # qk_scale is scale / softcap here
         if MASKED:
@@ -212,7 +222,7 @@ def _forward_blocks(acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_
 
 @_kernel
 def attention_forward(
-    Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k,
+    Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k, desc_k, desc_v,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -221,7 +231,7 @@ def attention_forward(
     seqlen_q, seqlen_k, heads_kv, group, keys_per_split,
     scale, softcap, window_left, window_right,
     VARLEN: tl.constexpr, PACK_GQA: tl.constexpr, SOFTCAP: tl.constexpr, FLOAT32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one sequence against one split of its keys.
@@ -230,6 +240,8 @@ def attention_forward(
     With PACK_GQA the rows are (query head of the group, query) pairs, so the queries of a whole
     GQA group share each K/V tile: decoding reads every key once per group, not once per head.
     Writes out (rows, Dv) and lse (rows,), at split index program_id(2) when split.
+    TMA: K and V come through desc_k and desc_v, (B, Hkv, N, D) tensor descriptors (B = 1 and N
+    the packed tokens for a variable-length batch).
     """
     # Row blocks in reverse: with a causal mask the last ones see the most keys, and starting the
     # longest programs first leaves the short ones to fill the tail of the grid.
@@ -271,6 +283,9 @@ def attention_forward(
 
     k_base = K + b * stride_kb + head_kv * stride_kh + k_start * stride_kn
     v_base = V + b * stride_vb + head_kv * stride_vh + k_start * stride_vn
+    tma_batch = b
+    if VARLEN:
+        tma_batch = 0  # the packed batch is one (1, H, tokens, D) descriptor
     if SOFTCAP:
         qk_scale = scale / softcap
     else:
@@ -280,16 +295,19 @@ def attention_forward(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     acc, row_sum, row_max = _forward_blocks(
         acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        desc_k, desc_v, tma_batch, head_kv, k_start,
         first, full_start, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
-        True, SOFTCAP, FLOAT32, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+        True, SOFTCAP, FLOAT32, TMA, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     acc, row_sum, row_max = _forward_blocks(
         acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        desc_k, desc_v, tma_batch, head_kv, k_start,
         full_start, full_end, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
-        False, SOFTCAP, FLOAT32, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+        False, SOFTCAP, FLOAT32, TMA, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     acc, row_sum, row_max = _forward_blocks(
         acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        desc_k, desc_v, tma_batch, head_kv, k_start,
         full_end, end, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
-        True, SOFTCAP, FLOAT32, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+        True, SOFTCAP, FLOAT32, TMA, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
 
     # Rows that saw no key (row_sum 0) give output 0 and LSE -inf.
     seen = row_sum > 0
@@ -470,9 +488,9 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stri
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Accumulate dQ (unscaled) of one query block over the key blocks in [start, end)."""
     for n0 in range(start, end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        k, v, s = _key_block(q, k_base, v_base, cols, stride_kn, stride_kd, stride_vn, stride_vd, k_len,
-                             MASKED, FLOAT32, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+        cols, k, v, s = _key_block(q, n0, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, k_len,
+                                   None, None, 0, 0, 0,
+                                   MASKED, False, FLOAT32, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
         if SOFTCAP:
             t = _tanh(s * (scale / softcap))
             p = tl.exp2(softcap * t * LOG2E - lse[:, None])
