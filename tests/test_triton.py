@@ -225,3 +225,64 @@ def test_tma_is_not_used_where_strides_or_head_dims_do_not_allow_it():
     assert _descriptors(wide, wide, build_problem(wide, wide, wide), config) is None
     dense = torch.randn(1, 2, 64, 64, dtype=torch.float16)
     assert _descriptors(dense, dense, build_problem(dense, dense, dense), config) is not None
+
+
+# On the GPU (skipped elsewhere): what the CPU interpreter cannot show.
+
+
+def _reference_error(out, q, k, v, **options):
+    problem = build_problem(q, k, v, **options)
+    ref, _ = attention_math(q, k, v, scale=problem.scale, window_left=problem.window_left,
+                            window_right=problem.window_right, softcap=problem.softcap or 0.0)
+    return (out.double() - ref).abs().max().item()
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_bit_identical_run_to_run():
+    q = torch.randn(2, 8, 700, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 2, 900, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(2, 2, 900, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn(2, 8, 700, 128, device="cuda", dtype=torch.bfloat16)
+    runs = [torch.autograd.grad(attention(q, k, v, causal=True, backend="triton"), (q, k, v), dout) for _ in range(3)]
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_gpu_tma_loads_give_the_plain_loads_results(monkeypatch, layout):
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("tensor descriptors need compute capability 9.0")
+    shape_q, shape_k = ((2, 8, 1000, 128), (2, 2, 1100, 128))
+    if layout == "bshd":
+        shape_q, shape_k = (2, 1000, 8, 128), (2, 1100, 2, 128)
+    q = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(shape_k, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", "forward=128,64,8,3")
+    plain = attention(q, k, v, causal=True, layout=layout, backend="triton")
+    monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", "forward=128,64,8,3,tma")
+    assert torch.equal(plain, attention(q, k, v, causal=True, layout=layout, backend="triton"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqlen_q", [1, 4, 16])
+def test_gpu_split_decoding_matches_the_reference(seqlen_q):
+    q = torch.randn(2, 8, seqlen_q, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 5000, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    out = attention(q, k, v, causal=True, backend="triton")
+    plain_torch = attention(q, k, v, causal=True, backend="sdpa-math")
+    assert _reference_error(out, q, k, v, causal=True) <= 2 * _reference_error(plain_torch, q, k, v, causal=True) + 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_first_call_tunes_reports_and_saves_for_the_next_process(monkeypatch):
+    configs.TUNER.clear()
+    q = torch.randn(1, 4, 3000, 64, device="cuda", dtype=torch.float16)
+    attention(q, q, q, backend="triton")
+    notes = str(explain(q, q, q, backend="triton"))
+    assert "forward kernel:" in notes and "tuned over" in notes and "compiling" in notes
+    monkeypatch.setattr(configs, "TUNER", configs.Tuner())  # a new process: nothing in memory
+    monkeypatch.setattr(triton_backend, "TUNER", configs.TUNER)
+    attention(q, q, q, backend="triton")
+    assert "tuned on an earlier run" in str(explain(q, q, q, backend="triton"))
