@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the full conformance tier for `triton` in parallel shards (autotuning off, so each
-# case compiles one configuration), each case's time in the log; then the decode benchmark alone.
+# case compiles one configuration), each case's time in the log; then the decode benchmark alone
+# (DECODE_BENCH=0: not). WARM_BENCH=1: a short benchmark pass alongside, to fill Triton's cache.
 source "$(dirname "$0")/gpu_common.sh"
 start=$(date +%s)
 shards=${SHARDS:-15}
@@ -9,6 +10,12 @@ for i in $(seq 0 $((shards - 1))); do
   FLASHDISPATCH_TRITON_AUTOTUNE=0 timeout ${VERIFY_TIMEOUT:-340} python3 -m flashdispatch verify --backend triton \
     --tier full --device cuda --shard $i/$shards --verbose 2>&1 | grep -v "^\[W\|UserWarning\|_execution_engine" > "$out/shards/$i.log" &
 done
+if [ "${WARM_BENCH:-0}" = 1 ]; then
+  # Fill Triton's disk cache with every candidate the tuner will compile, so that a timed benchmark
+  # after this script compiles nothing (its tuning still runs in its own process).
+  timeout ${VERIFY_TIMEOUT:-340} python3 benchmarks/attention.py --backends triton --grid prefill --grid decode \
+    --warmup 1 --repeats 1 > "$out/bench_warm.log" 2>&1 &
+fi
 wait
 echo "full tier, $shards shards: $(( $(date +%s) - start )) s"
 cat "$out"/shards/*.log > "$out/verify_full.log"; rm -rf "$out/shards"
