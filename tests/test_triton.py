@@ -87,6 +87,9 @@ class _FakeTimedTuner(configs.Tuner):
         self.seconds = seconds
         self.first_runs = []
 
+    def _compile_all(self, launch, options):
+        self.compiled = list(options)
+
     def _first_run(self, launch, config):
         self.first_runs.append(config)
         if self.seconds[config] is None:
@@ -110,6 +113,7 @@ def test_tuner_keeps_the_fastest_candidate_per_bucket(monkeypatch):
     tuner = _FakeTimedTuner({options[0]: 3e-3, options[1]: 1e-3, options[2]: None})
     chosen = tuner.choose("forward", _problem(3000), caps, launch=None)
     assert chosen == options[1]  # fastest; the one that failed to run is skipped
+    assert tuner.compiled == options  # all compiled together before the timing runs
     assert "tuned over 3 candidates" in tuner.known("forward", _problem(3000), caps).how
     # Same bucket (a new length within it): no new tuning. Another bucket or a mask: tuned again.
     tuner.first_runs.clear()

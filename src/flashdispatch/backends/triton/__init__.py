@@ -21,6 +21,7 @@ keep float32-level accuracy; plain TF32 would not.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -102,6 +103,11 @@ def _descriptors(k, v, problem: Problem, config: Config):
     return descriptors
 
 
+def _runner(kernel, grid, compile_only: bool):
+    """kernel[grid]; with compile_only, the same call compiles the kernel without launching it."""
+    return functools.partial(kernel.warmup, grid=grid) if compile_only else kernel[grid]
+
+
 def _kernel_args(config: Config, problem: Problem) -> dict:
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_DIM=problem.head_dim,
                 HEAD_DIM_V=problem.head_dim_v, BLOCK_D=_block(problem.head_dim), BLOCK_DV=_block(problem.head_dim_v),
@@ -158,7 +164,7 @@ class TritonBackend(Backend):
         dummy = q.new_empty(0, dtype=torch.int32)
         lse_shape = (problem.heads_q, problem.total_q) if problem.varlen else (problem.batch, problem.heads_q, problem.seqlen_q)
 
-        def launch(config: Config):
+        def launch(config: Config, compile_only: bool = False):
             block_m = config.block_m
             if decoding:
                 block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
@@ -187,7 +193,7 @@ class TritonBackend(Backend):
             hopper = _interpreting() or (caps.compute_capability or (0, 0)) >= (9, 0)
             if config.tma and hopper and not decoding:
                 tma = _descriptors(k, v, problem, config)
-            kernels.attention_forward[(_cdiv(rows, block_m), problem.batch * heads, splits)](
+            _runner(kernels.attention_forward, (_cdiv(rows, block_m), problem.batch * heads, splits), compile_only)(
                 q, k, v, out, lse,
                 cu_seqlens_q if problem.varlen else dummy, cu_seqlens_k if problem.varlen else dummy,
                 *(tma or (None, None)),
@@ -198,7 +204,7 @@ class TritonBackend(Backend):
                 TMA=tma is not None,
                 **_kernel_args(Config(block_m, config.block_n, config.num_warps, config.num_stages), problem),
             )
-            if splits == 1:
+            if splits == 1 or compile_only:
                 return out, lse
             merged = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
             merged_lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
@@ -235,13 +241,15 @@ class TritonBackend(Backend):
                    problem.scale, problem.softcap or 1.0, problem.window_left, problem.window_right)
         inputs = (*_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout))
 
-        def launch_dkdv(config: Config):
-            kernels.attention_backward_dkdv[(_cdiv(problem.seqlen_k, config.block_n), problem.batch * problem.heads_kv)](
+        def launch_dkdv(config: Config, compile_only: bool = False):
+            grid = (_cdiv(problem.seqlen_k, config.block_n), problem.batch * problem.heads_kv)
+            _runner(kernels.attention_backward_dkdv, grid, compile_only)(
                 q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, *inputs, *_strides(dk, layout), *_strides(dv, layout),
                 *_lse_strides(problem), *scalars, **flags, **_kernel_args(config, problem))
 
-        def launch_dq(config: Config):
-            kernels.attention_backward_dq[(_cdiv(problem.seqlen_q, config.block_m), problem.batch * problem.heads_q)](
+        def launch_dq(config: Config, compile_only: bool = False):
+            grid = (_cdiv(problem.seqlen_q, config.block_m), problem.batch * problem.heads_q)
+            _runner(kernels.attention_backward_dq, grid, compile_only)(
                 q, k, v, dout, lse, delta, dq, cu_q, cu_k, *inputs, *_strides(dq, layout), *_lse_strides(problem),
                 *scalars, **flags, **_kernel_args(config, problem))
 

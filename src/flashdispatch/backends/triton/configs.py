@@ -29,6 +29,7 @@ import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,7 +225,8 @@ class Tuner:
         return self._chosen.get(bucket(kernel, problem, caps))
 
     def choose(self, kernel: str, problem: Problem, caps: Capabilities, launch) -> Config:
-        """The configuration for `kernel` on `problem`; `launch(config)` runs the kernel once."""
+        """The configuration for `kernel` on `problem`; `launch(config)` runs the kernel once, and
+        `launch(config, compile_only=True)` only compiles it."""
         forced = _forced().get(kernel)
         if forced is not None:
             return forced
@@ -254,6 +256,7 @@ class Tuner:
         first_runs = 0.0
         timings = {}
         started = time.perf_counter()
+        self._compile_all(launch, options)
         for config in options:
             try:
                 first_runs += self._first_run(launch, config)
@@ -271,6 +274,23 @@ class Tuner:
         log.info("flashdispatch triton: %s kernel for %s: %s, %s", kernel, problem.describe(), best, how)
         self.disk.put(key, best)
         return Choice(best, how)
+
+    @staticmethod
+    def _compile_all(launch, options: list[Config]) -> None:
+        """Compile every candidate at once: Triton's asynchronous compile mode runs the compilers in
+        worker threads (ptxas in subprocesses), several times faster than one after another on a
+        many-core host. Best effort: any candidate not compiled here compiles on its first run."""
+        try:
+            from triton.runtime._async_compile import AsyncCompileMode  # private, Triton 3.5 and later
+        except ImportError:
+            return
+        try:
+            with ThreadPoolExecutor(len(options)) as pool, AsyncCompileMode(pool, ignore_errors=True):
+                for config in options:
+                    launch(config, compile_only=True)
+        except Exception as exc:  # noqa: BLE001 - fall back to compiling on each first run
+            log.info("flashdispatch triton: compiling the candidates together failed (%s: %s); one by one instead",
+                     type(exc).__name__, exc)
 
     @staticmethod
     def _first_run(launch, config: Config) -> float:
