@@ -253,10 +253,10 @@ class Tuner:
             log.info("flashdispatch triton: %s kernel for %s: %s, %s; first call %.1f s with compilation",
                      kernel, problem.describe(), options[0], why, seconds)
             return Choice(options[0], f"{why}; first call {seconds:.1f} s with compilation")
-        first_runs = 0.0
         timings = {}
         started = time.perf_counter()
         self._compile_all(launch, options)
+        first_runs = time.perf_counter() - started  # compiling, then each candidate's first run
         for config in options:
             try:
                 first_runs += self._first_run(launch, config)
