@@ -29,7 +29,7 @@ import torch
 from ...dispatcher.capabilities import Capabilities, capabilities
 from ...dispatcher.problem import Problem
 from ..base import Backend, Support
-from .configs import TUNER, Config, candidates
+from .configs import TUNER, Config, candidates, hopper_reasons
 
 SUPPORT = Support(
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
@@ -189,9 +189,15 @@ class TritonBackend(Backend):
                 lse = torch.empty((splits,) + lse_shape, dtype=torch.float32, device=q.device)
                 out_strides = (out.stride(0),) + _strides(out[0], "bhsd")
                 lse_strides = (lse.stride(0),) + _lse_strides(problem)
+            if config.gluon and not decoding and not _interpreting() and not hopper_reasons(problem):
+                from . import hopper
+
+                result = hopper.forward(q, k, v, problem, lambda t: _strides(t, layout), compile_only)
+                if result is not None:
+                    return result
             tma = None
-            hopper = _interpreting() or (caps.compute_capability or (0, 0)) >= (9, 0)
-            if config.tma and hopper and not decoding:
+            sm90 = _interpreting() or (caps.compute_capability or (0, 0)) >= (9, 0)
+            if config.tma and sm90 and not decoding:
                 tma = _descriptors(k, v, problem, config)
             _runner(kernels.attention_forward, (_cdiv(rows, block_m), problem.batch * heads, splits), compile_only)(
                 q, k, v, out, lse,
@@ -201,7 +207,7 @@ class TritonBackend(Backend):
                 problem.seqlen_q, problem.seqlen_k, problem.heads_kv, problem.group_size, keys_per_split,
                 problem.scale, problem.softcap or 1.0, problem.window_left, problem.window_right,
                 VARLEN=problem.varlen, PACK_GQA=pack, SOFTCAP=bool(problem.softcap), FLOAT32=q.dtype == torch.float32,
-                TMA=tma is not None,
+                TMA=tma is not None, OVERLAP=config.overlap and not decoding,
                 **_kernel_args(Config(block_m, config.block_n, config.num_warps, config.num_stages), problem),
             )
             if splits == 1 or compile_only:

@@ -16,11 +16,12 @@ Environment:
     FLASHDISPATCH_TRITON_AUTOTUNE=0   take the first candidate without timing (no tuning runs)
     FLASHDISPATCH_TRITON_CONFIG       force configurations, e.g. "forward=128,64,8,3,tma;dq=64,64,4,3"
                                       (BLOCK_M, BLOCK_N, num_warps, num_stages, and for the forward
-                                      an optional tma), for experiments
+                                      the optional flags tma, overlap and gluon), for experiments
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -53,10 +54,19 @@ class Config:
     # Forward only, sm90 and later: K and V through TMA tensor descriptors (plain loads where
     # strides or head dims do not allow a descriptor).
     tma: bool = False
+    # Forward only: the wholly visible key blocks software-pipelined by hand (the next block's
+    # QK^T issued before this block's softmax), for the tensor cores to work under the softmax.
+    overlap: bool = False
+    # Forward only, sm90: the Gluon kernel of `hopper.py` (TMA, asynchronous wgmma, softmax under
+    # the P V product) where it takes the problem; this config's plain kernel elsewhere.
+    gluon: bool = False
 
     def __str__(self) -> str:
-        tma = " tma" if self.tma else ""
-        return f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} stages={self.num_stages}{tma}"
+        flags = "".join(f" {name}" for name in FLAGS if getattr(self, name))
+        return f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} stages={self.num_stages}{flags}"
+
+
+FLAGS = ("tma", "overlap", "gluon")  # Config's optional forward flags, as FLASHDISPATCH_TRITON_CONFIG spells them
 
 
 def _c(*values: int) -> Config:
@@ -94,7 +104,8 @@ CANDIDATES: dict[tuple[str, str, str], list[Config]] = {
     ("dq", "sm80", "256"): [_c(64, 32, 4, 2), _c(32, 32, 4, 2)],
 }
 FLOAT32 = Config(32, 32, 4, 2)  # float32 tiles take twice the memory: one small tile
-INTERPRETER = Config(64, 64, 4, 1)  # the tests' sequences (up to 129) still span several blocks
+INTERPRETER = Config(64, 64, 4, 1)
+GLUON = Config(128, 128, 8, 2, gluon=True)  # hopper.py's fixed tile  # the tests' sequences (up to 129) still span several blocks
 
 
 def _generation(caps: Capabilities) -> str:
@@ -120,7 +131,19 @@ def candidates(kernel: str, problem: Problem, caps: Capabilities) -> list[Config
         return [INTERPRETER]
     if problem.dtype == torch.float32:
         return [FLOAT32]
-    return CANDIDATES[(kernel, _generation(caps), _dim_class(problem))]
+    options = CANDIDATES[(kernel, _generation(caps), _dim_class(problem))]
+    if kernel == "forward" and _generation(caps) == "sm90" and not hopper_reasons(problem):
+        options = [GLUON] + options
+    return options
+
+
+def hopper_reasons(problem: Problem) -> list[str]:
+    """Why the Gluon forward of `hopper.py` does not take `problem` (empty: it does)."""
+    try:
+        from . import hopper
+    except Exception as exc:  # noqa: BLE001 - Gluon is experimental: its API moves between releases
+        return [f"Triton's Gluon API does not import ({type(exc).__name__}: {exc})"]
+    return hopper.problem_reasons(problem)
 
 
 def bucket(kernel: str, problem: Problem, caps: Capabilities) -> tuple:
@@ -141,12 +164,12 @@ def _forced() -> dict[str, Config]:
         flags = set(fields[4:])
         try:
             numbers = [int(x) for x in fields[:4]]
-            if kernel not in KERNELS or len(numbers) != 4 or not flags <= {"tma"}:
+            if kernel not in KERNELS or len(numbers) != 4 or not flags <= set(FLAGS):
                 raise ValueError
         except ValueError:
-            raise ValueError(f"FLASHDISPATCH_TRITON_CONFIG: expected 'kernel=BLOCK_M,BLOCK_N,warps,stages[,tma]' "
-                             f"with kernel one of {', '.join(KERNELS)}; got {item!r}") from None
-        forced[kernel] = Config(*numbers, tma="tma" in flags)
+            raise ValueError(f"FLASHDISPATCH_TRITON_CONFIG: expected 'kernel=BLOCK_M,BLOCK_N,warps,stages"
+                             f"[,tma][,overlap][,gluon]' with kernel one of {', '.join(KERNELS)}; got {item!r}") from None
+        forced[kernel] = Config(*numbers, **{name: name in flags for name in FLAGS})
     return forced
 
 
@@ -201,7 +224,7 @@ class TuningCache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             data = self._load()
-            data[key] = [config.block_m, config.block_n, config.num_warps, config.num_stages, config.tma]
+            data[key] = list(dataclasses.astuple(config))
             # Write a temporary file and rename it over the old one, so that a reader in another
             # process sees the old file or the new one, never half of one.
             with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:

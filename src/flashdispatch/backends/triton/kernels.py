@@ -160,24 +160,66 @@ def _query_ranges(col_lo, col_hi, q_len, k_len, window_left, window_right, BLOCK
 
 
 @triton.jit
+def _tile(base, desc, n0, stride_n, stride_d, k_len, tma_batch, tma_head, k_start,
+          CHECK_ROWS: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr, COLS: tl.constexpr,
+          BLOCK_COLS: tl.constexpr):
+    """(BLOCK_N, BLOCK_COLS) tile of K or V from key n0. TMA: through a (B, H, N, D) tensor
+    descriptor, which zero-fills rows and columns outside the tensor (rows of a packed batch's next
+    sequence are masked by the caller)."""
+    if TMA:
+        tile = desc.load([tma_batch, tma_head, k_start + n0, 0]).reshape(BLOCK_N, BLOCK_COLS)
+    else:
+        tile = _load_rows(base, n0 + tl.arange(0, BLOCK_N), stride_n, stride_d, k_len, COLS, BLOCK_COLS, CHECK_ROWS)
+    return tile
+
+
+@triton.jit
 def _key_block(q, n0, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, k_len,
                desc_k, desc_v, tma_batch, tma_head, k_start,
                CHECK_ROWS: tl.constexpr, TMA: tl.constexpr, FLOAT32: tl.constexpr, BLOCK_N: tl.constexpr,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Key block n0: its key indices, K (BLOCK_N, D), V (BLOCK_N, Dv), and the raw scores q K^T
-    (BLOCK_M, BLOCK_N). TMA: through the (B, H, N, D) tensor descriptors, which zero-fill rows and
-    columns outside the tensor (rows of a packed batch's next sequence are masked by the caller)."""
-    cols = n0 + tl.arange(0, BLOCK_N)
-    if TMA:
-        k = desc_k.load([tma_batch, tma_head, k_start + n0, 0]).reshape(BLOCK_N, BLOCK_D)
-        v = desc_v.load([tma_batch, tma_head, k_start + n0, 0]).reshape(BLOCK_N, BLOCK_DV)
-    else:
-        k = _load_rows(k_base, cols, stride_kn, stride_kd, k_len, HEAD_DIM, BLOCK_D, CHECK_ROWS)
-        v = _load_rows(v_base, cols, stride_vn, stride_vd, k_len, HEAD_DIM_V, BLOCK_DV, CHECK_ROWS)
-    return cols, k, v, _dot(q, tl.trans(k), None, FLOAT32)
+    (BLOCK_M, BLOCK_N)."""
+    k = _tile(k_base, desc_k, n0, stride_kn, stride_kd, k_len, tma_batch, tma_head, k_start,
+              CHECK_ROWS, TMA, BLOCK_N, HEAD_DIM, BLOCK_D)
+    v = _tile(v_base, desc_v, n0, stride_vn, stride_vd, k_len, tma_batch, tma_head, k_start,
+              CHECK_ROWS, TMA, BLOCK_N, HEAD_DIM_V, BLOCK_DV)
+    return n0 + tl.arange(0, BLOCK_N), k, v, _dot(q, tl.trans(k), None, FLOAT32)
 
 
 # Forward
+
+
+@triton.jit
+def _softmax_step(acc, row_sum, row_max, s, v, cols, rows, q_len, k_len, window_left, window_right, qk_scale,
+                  softcap, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FLOAT32: tl.constexpr):
+    """Fold one key block into the online softmax: raw scores s (BLOCK_M, BLOCK_N), values v
+    (BLOCK_N, Dv). Returns the updated running output, sum and max (log2 domain).
+
+    qk_scale turns a raw score into the log2 domain (scale * log2(e); 1 with softcap, whose scores
+    are formed in that domain already).
+    """
+    if SOFTCAP:
+        s = softcap * _tanh(s * qk_scale) * LOG2E  # qk_scale is scale / softcap here
+    if MASKED:
+        s = tl.where(_visible(rows[:, None], cols[None, :], q_len, k_len, window_left, window_right),
+                     s, float("-inf"))
+    if SOFTCAP:
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+    else:
+        new_max = tl.maximum(row_max, tl.max(s, 1) * qk_scale)
+    shift = new_max
+    if MASKED:
+        # A row that has seen no visible key yet keeps max -inf: shift it by 0 instead.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    if SOFTCAP:
+        p = tl.exp2(s - shift[:, None])
+    else:
+        p = tl.exp2(s * qk_scale - shift[:, None])
+    rescale = tl.exp2(row_max - shift)  # exp(m_old - m_new); 0 for a row's first keys
+    row_sum = row_sum * rescale + tl.sum(p, 1)
+    acc = _dot(p.to(v.dtype), v, acc * rescale[:, None], FLOAT32)
+    return acc, row_sum, new_max
 
 
 @triton.jit
@@ -187,36 +229,48 @@ def _forward_blocks(acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_
                     MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FLOAT32: tl.constexpr, TMA: tl.constexpr,
                     BLOCK_N: tl.constexpr,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Online softmax over the key blocks in [start, end): running max, sum and unnormalised output.
-
-    qk_scale turns a raw score into the log2 domain (scale * log2(e); 1 with softcap, whose scores
-    are formed in that domain already).
-    """
+    """Online softmax over the key blocks in [start, end)."""
     for n0 in range(start, end, BLOCK_N):
         cols, k, v, s = _key_block(q, n0, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, k_len,
                                    desc_k, desc_v, tma_batch, tma_head, k_start,
                                    MASKED, TMA, FLOAT32, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
-        if SOFTCAP:
-            s = softcap * _tanh(s * qk_scale) * LOG2E  # qk_scale is scale / softcap here
-        if MASKED:
-            s = tl.where(_visible(rows[:, None], cols[None, :], q_len, k_len, window_left, window_right),
-                         s, float("-inf"))
-        if SOFTCAP:
-            new_max = tl.maximum(row_max, tl.max(s, 1))
-        else:
-            new_max = tl.maximum(row_max, tl.max(s, 1) * qk_scale)
-        shift = new_max
-        if MASKED:
-            # A row that has seen no visible key yet keeps max -inf: shift it by 0 instead.
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        if SOFTCAP:
-            p = tl.exp2(s - shift[:, None])
-        else:
-            p = tl.exp2(s * qk_scale - shift[:, None])
-        rescale = tl.exp2(row_max - shift)  # exp(m_old - m_new); 0 for a row's first keys
-        row_sum = row_sum * rescale + tl.sum(p, 1)
-        acc = _dot(p.to(v.dtype), v, acc * rescale[:, None], FLOAT32)
-        row_max = new_max
+        acc, row_sum, row_max = _softmax_step(acc, row_sum, row_max, s, v, cols, rows, q_len, k_len,
+                                              window_left, window_right, qk_scale, softcap, MASKED, SOFTCAP, FLOAT32)
+    return acc, row_sum, row_max
+
+
+@triton.jit
+def _forward_blocks_overlapped(acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                               desc_k, desc_v, tma_batch, tma_head, k_start,
+                               start, end, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
+                               SOFTCAP: tl.constexpr, FLOAT32: tl.constexpr, TMA: tl.constexpr,
+                               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """`_forward_blocks` over wholly visible blocks, software-pipelined by hand: the scores of
+    block j + 1 are issued before the softmax of block j, so on Hopper the asynchronous wgmma of
+    the next QK^T runs on the tensor cores while this block's exponentials run on the CUDA cores
+    (FlashAttention-3's intra-warpgroup overlap). Costs one more (BLOCK_M, BLOCK_N) float32 tile of
+    registers."""
+    # cols only matter to masked blocks: these are wholly visible.
+    cols = tl.arange(0, BLOCK_N)
+    if start < end:
+        k = _tile(k_base, desc_k, start, stride_kn, stride_kd, k_len, tma_batch, tma_head, k_start,
+                  False, TMA, BLOCK_N, HEAD_DIM, BLOCK_D)
+        s = _dot(q, tl.trans(k), None, FLOAT32)
+        for n0 in range(start + BLOCK_N, end, BLOCK_N):
+            k = _tile(k_base, desc_k, n0, stride_kn, stride_kd, k_len, tma_batch, tma_head, k_start,
+                      False, TMA, BLOCK_N, HEAD_DIM, BLOCK_D)
+            s_next = _dot(q, tl.trans(k), None, FLOAT32)
+            v = _tile(v_base, desc_v, n0 - BLOCK_N, stride_vn, stride_vd, k_len, tma_batch, tma_head, k_start,
+                      False, TMA, BLOCK_N, HEAD_DIM_V, BLOCK_DV)
+            acc, row_sum, row_max = _softmax_step(acc, row_sum, row_max, s, v, cols, rows, q_len, k_len,
+                                                  window_left, window_right, qk_scale, softcap, False, SOFTCAP,
+                                                  FLOAT32)
+            s = s_next
+        v = _tile(v_base, desc_v, end - BLOCK_N, stride_vn, stride_vd, k_len, tma_batch, tma_head, k_start,
+                  False, TMA, BLOCK_N, HEAD_DIM_V, BLOCK_DV)
+        acc, row_sum, row_max = _softmax_step(acc, row_sum, row_max, s, v, cols, rows, q_len, k_len,
+                                              window_left, window_right, qk_scale, softcap, False, SOFTCAP, FLOAT32)
     return acc, row_sum, row_max
 
 
@@ -231,7 +285,7 @@ def attention_forward(
     seqlen_q, seqlen_k, heads_kv, group, keys_per_split,
     scale, softcap, window_left, window_right,
     VARLEN: tl.constexpr, PACK_GQA: tl.constexpr, SOFTCAP: tl.constexpr, FLOAT32: tl.constexpr,
-    TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one sequence against one split of its keys.
@@ -241,7 +295,8 @@ def attention_forward(
     GQA group share each K/V tile: decoding reads every key once per group, not once per head.
     Writes out (rows, Dv) and lse (rows,), at split index program_id(2) when split.
     TMA: K and V come through desc_k and desc_v, (B, Hkv, N, D) tensor descriptors (B = 1 and N
-    the packed tokens for a variable-length batch).
+    the packed tokens for a variable-length batch). OVERLAP: the wholly visible blocks run
+    software-pipelined (`_forward_blocks_overlapped`).
     """
     # Row blocks in reverse: with a causal mask the last ones see the most keys, and starting the
     # longest programs first leaves the short ones to fill the tail of the grid.
@@ -298,11 +353,18 @@ def attention_forward(
         desc_k, desc_v, tma_batch, head_kv, k_start,
         first, full_start, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
         True, SOFTCAP, FLOAT32, TMA, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
-    acc, row_sum, row_max = _forward_blocks(
-        acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        desc_k, desc_v, tma_batch, head_kv, k_start,
-        full_start, full_end, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
-        False, SOFTCAP, FLOAT32, TMA, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+    if OVERLAP:
+        acc, row_sum, row_max = _forward_blocks_overlapped(
+            acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            desc_k, desc_v, tma_batch, head_kv, k_start,
+            full_start, full_end, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
+            SOFTCAP, FLOAT32, TMA, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+    else:
+        acc, row_sum, row_max = _forward_blocks(
+            acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            desc_k, desc_v, tma_batch, head_kv, k_start,
+            full_start, full_end, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
+            False, SOFTCAP, FLOAT32, TMA, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     acc, row_sum, row_max = _forward_blocks(
         acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         desc_k, desc_v, tma_batch, head_kv, k_start,
