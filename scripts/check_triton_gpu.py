@@ -5,6 +5,11 @@
                             with softcap, varlen, decoding) with configuration i of each kernel's list
                             forced, for the i of this part
     --part determinism      repeated forward and backward runs give bit-identical results
+    --part gluon            the Gluon Hopper forward (hopper.py) is exact where it runs, and runs
+                            where it should: conformance cases at head dims 64 and 128, both layouts,
+                            causal or not, GQA, ragged lengths, more queries than keys
+    --part gluon-speed      forward TFLOP/s of the Gluon kernel, the plain Triton kernel, sdpa-flash
+                            and sdpa-cudnn on the prefill grid (bf16), same process
     --part varlen           throughput of a mixed-length packed batch against the equal-length batch
                             with the same token count (forward and backward, bf16, D=128)
 
@@ -91,6 +96,78 @@ def determinism() -> int:
     return 1 if bad else 0
 
 
+def gluon() -> int:
+    from flashdispatch.backends.triton import TritonBackend, hopper
+    from flashdispatch.conformance.cases import make_case
+    from flashdispatch.conformance.checks import check_case
+
+    ran = []
+    real_forward = hopper.forward
+
+    def counting_forward(*args, **kwargs):
+        result = real_forward(*args, **kwargs)
+        ran.append(result is not None)
+        return result
+
+    hopper.forward = counting_forward
+    os.environ["FLASHDISPATCH_TRITON_AUTOTUNE"] = "0"  # the Gluon kernel is the first candidate
+    backend = TritonBackend()
+    failures = checked = 0
+    for d in (64, 128):
+        for dtype in (torch.bfloat16, torch.float16):
+            cases = [
+                make_case(dtype=dtype, head_dim=d, seqlen_q=700, seqlen_k=1000, heads_q=8, heads_kv=2, causal=True,
+                          layout="bshd", backward=True),
+                make_case(dtype=dtype, head_dim=d, seqlen_q=1000, seqlen_k=700, heads_q=4, heads_kv=4, causal=True),
+                make_case(dtype=dtype, head_dim=d, seqlen_q=129, seqlen_k=300, heads_q=4, heads_kv=1),
+                make_case(dtype=dtype, head_dim=d, seqlen_q=513, seqlen_k=513, heads_q=2, heads_kv=2, causal=True,
+                          q_scale=4.0, backward=True),
+                make_case(dtype=dtype, head_dim=d, seqlen_q=2048, seqlen_k=2048, heads_q=4, heads_kv=2, batch=3,
+                          layout="bshd"),
+                make_case(dtype=dtype, head_dim=d, seqlen_q=40, seqlen_k=4000, heads_q=2, heads_kv=2, causal=True),
+            ]
+            for case in cases:
+                before = len(ran)
+                result = check_case(backend, case, "cuda")
+                checked += 1
+                used = any(ran[before:])
+                failures += (not result.passed) or not used
+                print(f"gluon {'used' if used else 'NOT USED'}: {result}", flush=True)
+    print(f"gluon: {checked} checks, {failures} failed or not routed to the Gluon kernel", flush=True)
+    return 1 if failures else 0
+
+
+def gluon_speed() -> int:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from flashdispatch.backends.triton import TritonBackend
+    from flashdispatch.dispatcher.problem import build_problem
+    from flashdispatch.timing import median_time
+
+    backend = TritonBackend()
+    variants = {"gluon": "forward=128,128,8,2,gluon", "plain": "forward=128,128,8,3", "tma": "forward=128,128,8,2,tma"}
+    for d in (64, 128):
+        for n in (1024, 4096, 16384):
+            for causal in (False, True):
+                b, h = 16384 // n, 2048 // d
+                q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                flops = 4 * b * h * n * n * d / (2 if causal else 1)
+                problem = build_problem(q, k, v, causal=causal)
+                rates = {}
+                for name, forced in variants.items():
+                    os.environ["FLASHDISPATCH_TRITON_CONFIG"] = forced
+                    rates[name] = flops / median_time(lambda: backend.forward(q, k, v, problem), "cuda") / 1e12
+                for name, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                    with sdpa_kernel(kind):
+                        rates[name] = flops / median_time(lambda: sdpa(q, k, v, is_causal=causal), "cuda") / 1e12
+                print(f"D={d} N={n} causal={causal}: " + ", ".join(f"{k} {r:.0f}" for k, r in rates.items())
+                      + f" TFLOP/s; gluon/cudnn {rates['gluon'] / rates['cudnn']:.2f}, gluon/flash "
+                      f"{rates['gluon'] / rates['flash']:.2f}", flush=True)
+    os.environ.pop("FLASHDISPATCH_TRITON_CONFIG")
+    return 0
+
+
 def varlen() -> int:
     from flashdispatch.backends.triton import TritonBackend
     from flashdispatch.dispatcher.problem import build_problem
@@ -129,7 +206,7 @@ def main() -> int:
     if args.part.startswith("candidates:"):
         index, count = (int(x) for x in args.part.split(":")[1].split("/"))
         return candidates_part(index, count)
-    return {"determinism": determinism, "varlen": varlen}[args.part]()
+    return {"determinism": determinism, "varlen": varlen, "gluon": gluon, "gluon-speed": gluon_speed}[args.part]()
 
 
 if __name__ == "__main__":
