@@ -10,6 +10,8 @@
                             causal or not, GQA, ragged lengths, more queries than keys
     --part gluon-speed      forward TFLOP/s of the Gluon kernel, the plain Triton kernel, sdpa-flash
                             and sdpa-cudnn on the prefill grid (bf16), same process
+    --part host             host time per decoding call (B=8, 8k keys) against its GPU time: whether
+                            the launch path, not the kernel, limits short calls
     --part varlen           throughput of a mixed-length packed batch against the equal-length batch
                             with the same token count (forward and backward, bf16, D=128)
 
@@ -168,6 +170,29 @@ def gluon_speed() -> int:
     return 0
 
 
+def host() -> int:
+    import time
+
+    from flashdispatch import attention
+    from flashdispatch.timing import median_time
+
+    q = torch.randn(8, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(8, 8, 8192, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    call = lambda: attention(q, k, v, backend="triton")  # noqa: E731
+    gpu = median_time(call, "cuda")
+    for _ in range(10):
+        call()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(200):
+        call()
+    enqueue = (time.perf_counter() - started) / 200
+    torch.cuda.synchronize()
+    print(f"host: decode B=8 8k through attention(): GPU {gpu * 1e6:.1f} us (events, L2 flushed), host enqueue "
+          f"{enqueue * 1e6:.1f} us per call", flush=True)
+    return 0
+
+
 def varlen() -> int:
     from flashdispatch.backends.triton import TritonBackend
     from flashdispatch.dispatcher.problem import build_problem
@@ -206,7 +231,7 @@ def main() -> int:
     if args.part.startswith("candidates:"):
         index, count = (int(x) for x in args.part.split(":")[1].split("/"))
         return candidates_part(index, count)
-    return {"determinism": determinism, "varlen": varlen, "gluon": gluon, "gluon-speed": gluon_speed}[args.part]()
+    return {"determinism": determinism, "varlen": varlen, "gluon": gluon, "gluon-speed": gluon_speed, "host": host}[args.part]()
 
 
 if __name__ == "__main__":

@@ -1,27 +1,25 @@
-"""The forward pass for Hopper (sm90) in Gluon, Triton's lower-level language: TMA loads into a ring
-of shared-memory stages, asynchronous wgmma, and the softmax of one key block running on the CUDA
-cores while the tensor cores multiply the previous block's P by V (FlashAttention-3's
-intra-warpgroup overlap). `tl.dot` cannot express that overlap: Triton waits for every wgmma
-before the next instruction that reads its result, so the plain kernel's softmax and matmuls
-serialise.
+"""The forward pass for Hopper (sm90) in Gluon, Triton's lower-level language: a warp-specialized
+FlashAttention-3-style kernel. One producer warp issues TMA loads into rings of shared-memory
+buffers; two consumer warpgroups (64 query rows each) issue asynchronous wgmma and run the softmax
+of one key block on the CUDA cores while the tensor cores multiply the previous block's P by V
+(FlashAttention-3's intra-warpgroup overlap). `tl.dot` cannot express that overlap: Triton waits
+for every wgmma before the next instruction that reads its result, so the plain kernel's softmax
+and matmuls serialise.
 
 Scope: dense batches (no cu_seqlens), no window, no softcap, float16/bfloat16, head dim 64 or 128,
 causal or not. Anything else runs the portable kernel in `kernels.py`. Masks are bottom-right
 aligned as everywhere in the library; key blocks wholly visible to a row block skip the mask.
 
-Each operand is addressed through a 2-D tensor-descriptor view of its tensor: row = token, and
-(batch, head) pick a row offset or a column offset, whichever the tensor's strides allow (see
-`tma_view`). Rows past a sequence in that view belong to the next head or batch; they are masked
-(keys) or never stored (queries).
+Q, K and V go through (B, H, N, D) tensor descriptors of (1, 1, rows, D) blocks, so any strides
+with a unit dim stride and 16-byte alignment work, and rows past a sequence read as zeros.
 
-One program: BLOCK_M query rows (two warpgroups of 64 rows with 8 warps) of one (batch, head).
-Per key block j (K and V in rings of STAGES buffers, refilled STAGES - 1 blocks ahead):
+Consumers, per key block j (buffers handed back to the producer as soon as their wgmma is done):
 
     S_j = Q K_j^T                issued, not waited for
     O  += P_{j-1} V_{j-1}         issued, not waited for
-    wait for S_j                  (O's product still running)
+    wait for S_j                  (O's product still running); K_j's buffer is free
     P_j, new max and sum from S_j on the CUDA cores
-    wait for O; O *= exp2(old max - new max)
+    wait for O; V_{j-1}'s buffer is free; O *= exp2(old max - new max)
 """
 
 from __future__ import annotations
@@ -38,7 +36,8 @@ LN2 = gl.constexpr(0.6931471805599453)
 BLOCK_M = 128
 BLOCK_N = 128
 STAGES = 2
-NUM_WARPS = 8
+NUM_WARPS = 8  # the consumers: two warpgroups; the producer warp comes on top
+MAX_REGISTERS = 168  # per thread, over 12 warps: 64K registers, rebalanced to the consumers
 HEAD_DIMS = (64, 128)
 
 
@@ -63,73 +62,56 @@ def _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift, qk_scale,
 
 
 @gluon.jit
-def _load_block(desc, ring, bars, block, row, col, pred, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """Start the TMA load of key (or value) block `block` into its ring buffer, if pred."""
-    slot = block % STAGES
-    mbarrier.expect(bars.index(slot), desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(desc, [row + block * BLOCK_N, col], bars.index(slot), ring.index(slot), pred=pred)
-
-
-@gluon.jit
-def hopper_attention_forward(
-    q_desc, k_desc, v_desc, Out, Lse,
-    q_row_b, q_row_h, q_col_h, k_row_b, k_row_h, k_col_h,
-    stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
-    seqlen_q, seqlen_k, heads, group, qk_scale,
-    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, num_warps: gl.constexpr,
-):
-    dtype: gl.constexpr = q_desc.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-
-    # Row blocks in reverse: with a causal mask the last ones see the most keys; longest first.
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    b = pid_bh // heads
-    h = pid_bh % heads
-    h_kv = h // group
-    m0 = pid_m * BLOCK_M
-    q_row = b * q_row_b + h * q_row_h + m0
-    q_col = h * q_col_h
-    k_row = b * k_row_b + h_kv * k_row_h
-    k_col = h_kv * k_col_h
-
-    # Key blocks [0, num_blocks) are visible to some row; those from full_end on need the mask.
+def _key_blocks(m0, seqlen_q, seqlen_k, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Key blocks [0, num_blocks) are visible to some row of the block at m0; keys from full_end on
+    need the mask."""
     shift = seqlen_k - seqlen_q
     end = seqlen_k
     full_end = seqlen_k
     if CAUSAL:
         end = gl.minimum(end, gl.minimum(m0 + BLOCK_M, seqlen_q) + shift)
         full_end = gl.minimum(full_end, m0 + 1 + shift)
-    num_blocks = gl.cdiv(gl.maximum(end, 0), BLOCK_N)
-    full_end = gl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+    return gl.cdiv(gl.maximum(end, 0), BLOCK_N), gl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
 
-    # Shared memory: Q once, K and V in rings of STAGES blocks, one barrier per buffer.
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bars.index(i), count=1)
-        mbarrier.init(v_bars.index(i), count=1)
 
-    # Prologue: Q, key blocks 0 .. STAGES-1 and value blocks 0 .. STAGES-2.
-    any_keys = num_blocks > 0
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes, pred=any_keys)
-    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem, pred=any_keys)
-    for i in gl.static_range(STAGES):
-        _load_block(k_desc, k_smem, k_bars, i, k_row, k_col, i < num_blocks, BLOCK_N, STAGES)
-    for i in gl.static_range(STAGES - 1):
-        _load_block(v_desc, v_smem, v_bars, i, k_row, k_col, i < num_blocks, BLOCK_N, STAGES)
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty,
+              b, h, h_kv, m0, seqlen_q, seqlen_k,
+              CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The load warp: Q once, then K_i and V_i into their rings as buffers come back."""
+    num_blocks, full_end = _key_blocks(m0, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+    if num_blocks > 0:
+        mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, h, m0, 0], q_ready, q_smem)
+    for i in range(num_blocks):
+        slot = i % STAGES
+        # A barrier starts in phase 1 complete, so the first pass through the ring does not wait.
+        phase = ((i // STAGES) & 1) ^ 1
+        mbarrier.wait(k_empty.index(slot), phase)
+        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [b, h_kv, i * BLOCK_N, 0], k_ready.index(slot), k_smem.index(slot))
+        mbarrier.wait(v_empty.index(slot), phase)
+        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [b, h_kv, i * BLOCK_N, 0], v_ready.index(slot), v_smem.index(slot))
 
+
+@gluon.jit
+def _consumer(q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty, Out, Lse,
+              b, h, m0, stride_ob, stride_oh, stride_om, stride_lb, stride_lh, seqlen_q, seqlen_k, qk_scale,
+              CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """The two compute warpgroups: scores, online softmax, P V, and the output."""
+    dtype: gl.constexpr = Out.dtype.element_ty
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    num_blocks, full_end = _key_blocks(m0, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+    shift = seqlen_k - seqlen_q
+    q = q_smem.reshape([BLOCK_M, HEAD_DIM])
     rows = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
     row_max = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
     row_sum = gl.zeros([BLOCK_M], gl.float32, layout=row_layout)
@@ -138,10 +120,12 @@ def hopper_attention_forward(
 
     if num_blocks > 0:
         # Block 0: scores and softmax, nothing to overlap with yet.
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_bars.index(0), 0)
-        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(q_ready, 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        s = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+                          use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s,))
+        mbarrier.arrive(k_empty.index(0), count=1)
         if full_end > 0:
             p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, 0, seqlen_k, shift, qk_scale,
                                                   False, CAUSAL, BLOCK_N, s_layout)
@@ -151,20 +135,16 @@ def hopper_attention_forward(
         p_op = gl.convert_layout(p.to(dtype), p_layout)
 
         for j in range(1, num_blocks):
-            # Every warp is done with K_{j-1} (S_{j-1} was waited for) and V_{j-2} (so was the O
-            # product that read it): refill their buffers STAGES - 1 blocks ahead.
-            gl.thread_barrier()
-            ahead = j + STAGES - 1
-            _load_block(k_desc, k_smem, k_bars, ahead, k_row, k_col, ahead < num_blocks, BLOCK_N, STAGES)
-            _load_block(v_desc, v_smem, v_bars, ahead - 1, k_row, k_col, ahead - 1 < num_blocks, BLOCK_N, STAGES)
-
             # S_j = Q K_j^T and O += P_{j-1} V_{j-1}, both in flight at once.
-            mbarrier.wait(k_bars.index(j % STAGES), (j // STAGES) & 1)
-            s = warpgroup_mma(q_smem, k_smem.index(j % STAGES).permute((1, 0)), s_zero, use_acc=False,
-                              is_async=True)
-            mbarrier.wait(v_bars.index((j - 1) % STAGES), ((j - 1) // STAGES) & 1)
-            o = warpgroup_mma(p_op, v_smem.index((j - 1) % STAGES), o, is_async=True)
+            slot = j % STAGES
+            mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+            s = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+                              use_acc=False, is_async=True)
+            prev = (j - 1) % STAGES
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            o = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s,))
+            mbarrier.arrive(k_empty.index(slot), count=1)
 
             # Softmax of block j under the running P V product.
             n0 = j * BLOCK_N
@@ -175,19 +155,16 @@ def hopper_attention_forward(
                 p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift, qk_scale,
                                                       True, CAUSAL, BLOCK_N, s_layout)
             o, p_op = warpgroup_mma_wait(0, deps=(o, p_op))
+            mbarrier.arrive(v_empty.index(prev), count=1)
             o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
 
         # The last block's P V.
         last = num_blocks - 1
-        mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
-        o = warpgroup_mma(p_op, v_smem.index(last % STAGES), o, is_async=True)
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        o = warpgroup_mma(p_op, v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
         o = warpgroup_mma_wait(0, deps=(o,))
-
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_bars.index(i))
-        mbarrier.invalidate(v_bars.index(i))
+        mbarrier.arrive(v_empty.index(last % STAGES), count=1)
 
     # Rows that saw no key (row_sum 0) give output 0 and LSE -inf.
     seen = row_sum > 0
@@ -197,13 +174,53 @@ def hopper_attention_forward(
     gl.store(Lse + b * stride_lb + h * stride_lh + rows, lse, mask=rows < seqlen_q)
 
     # Stores in 16-byte vectors along the head dim.
-    out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [num_warps, 1], [1, 0])
+    out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [NUM_WARPS, 1],
+                                                [1, 0])
     out = gl.convert_layout(o.to(dtype), out_layout)
     out_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
     out_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
     ptrs = (Out + b * stride_ob + h * stride_oh + gl.expand_dims(out_rows, 1) * stride_om
             + gl.expand_dims(out_cols, 0))
     gl.store(ptrs, out, mask=gl.expand_dims(out_rows < seqlen_q, 1))
+
+
+@gluon.jit
+def hopper_attention_forward(
+    q_desc, k_desc, v_desc, Out, Lse,
+    stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, heads, group, qk_scale,
+    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Grid: (query blocks, batch * query heads). Out (B, H, Nq, D) through its strides, Lse (B, H, Nq)."""
+    # Row blocks in reverse: with a causal mask the last ones see the most keys; longest first.
+    m0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
+    b = gl.program_id(1) // heads
+    h = gl.program_id(1) % heads
+    h_kv = h // group
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_ready, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=1)
+
+    gl.warp_specialize([
+        (_consumer, (q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty, Out, Lse,
+                     b, h, m0, stride_ob, stride_oh, stride_om, stride_lb, stride_lh, seqlen_q, seqlen_k, qk_scale,
+                     CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, num_warps)),
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty,
+                     b, h, h_kv, m0, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+    ], [1], [24])
 
 
 # Host side
@@ -225,33 +242,19 @@ def problem_reasons(problem) -> list[str]:
     return reasons
 
 
-def _tma_view(t: torch.Tensor, strides: tuple[int, int, int, int], batch: int, heads: int, seqlen: int,
-              head_dim: int, block_rows: int):
-    """A 2-D (token rows, columns) tensor descriptor over t, whose (batch, head, token, dim) strides are
-    `strides`, and the (row per batch, row per head, column per head) offsets that address it; None
-    where TMA cannot: a non-unit dim stride, a misaligned base or row stride, or a head or batch
-    stride that is neither whole rows nor a column offset within a row."""
-    stride_b, stride_h, stride_n, stride_d = strides
+def _descriptor(t: torch.Tensor, strides: tuple[int, int, int, int], batch: int, heads: int, seqlen: int,
+                head_dim: int, block_rows: int):
+    """A (B, H, N, D) tensor descriptor over t, whose (batch, head, token, dim) strides are
+    `strides`, in (1, 1, block_rows, D) blocks; None where TMA cannot address t (a non-unit dim
+    stride, a base or stride not a multiple of 16 bytes)."""
     size = t.element_size()
-    if stride_d != 1 or t.data_ptr() % 16 or stride_n * size % 16 or stride_n < head_dim:
+    # The stride of a dimension of size 1 never moves the address: any aligned value will do.
+    strides = [x if n > 1 else seqlen * head_dim for x, n in zip(strides, (batch, heads, seqlen, head_dim))]
+    if strides[3] != 1 or t.data_ptr() % 16 or any(x * size % 16 for x in strides[:3]):
         return None
-    row_b = row_h = col_h = 0
-    width = head_dim
-    if heads > 1:
-        if stride_h % stride_n == 0:
-            row_h = stride_h // stride_n
-        elif (heads - 1) * stride_h + head_dim <= stride_n:
-            col_h, width = stride_h, (heads - 1) * stride_h + head_dim
-        else:
-            return None
-    if batch > 1:
-        if stride_b % stride_n:
-            return None
-        row_b = stride_b // stride_n
-    rows = (batch - 1) * row_b + (heads - 1) * row_h + seqlen
-    layout = gl.NVMMASharedLayout.get_default_for([block_rows, head_dim], _GL_DTYPES[t.dtype])
-    descriptor = TensorDescriptor(t, [rows, width], [stride_n, 1], [block_rows, head_dim], layout)
-    return descriptor, row_b, row_h, col_h
+    block = [1, 1, block_rows, head_dim]
+    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
+    return TensorDescriptor(t, [batch, heads, seqlen, head_dim], strides, block, layout)
 
 
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
@@ -260,21 +263,20 @@ _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 def forward(q, k, v, problem, strides, compile_only: bool = False):
     """(out, lse) of `problem`, or None where the tensors' strides rule TMA out. strides(t) gives a
     tensor's (batch, head, token, dim) strides in the problem's layout."""
-    d = problem.head_dim
-    q_view = _tma_view(q, strides(q), problem.batch, problem.heads_q, problem.seqlen_q, d, BLOCK_M)
-    k_view = _tma_view(k, strides(k), problem.batch, problem.heads_kv, problem.seqlen_k, d, BLOCK_N)
-    v_view = _tma_view(v, strides(v), problem.batch, problem.heads_kv, problem.seqlen_k, d, BLOCK_N)
-    if q_view is None or k_view is None or v_view is None:
+    d, b = problem.head_dim, problem.batch
+    descriptors = (_descriptor(q, strides(q), b, problem.heads_q, problem.seqlen_q, d, BLOCK_M),
+                   _descriptor(k, strides(k), b, problem.heads_kv, problem.seqlen_k, d, BLOCK_N),
+                   _descriptor(v, strides(v), b, problem.heads_kv, problem.seqlen_k, d, BLOCK_N))
+    if None in descriptors:
         return None
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((problem.batch, problem.heads_q, problem.seqlen_q), dtype=torch.float32, device=q.device)
+    lse = torch.empty((b, problem.heads_q, problem.seqlen_q), dtype=torch.float32, device=q.device)
     stride_ob, stride_oh, stride_om, _ = strides(out)
-    grid = (triton.cdiv(problem.seqlen_q, BLOCK_M), problem.batch * problem.heads_q)
+    grid = (triton.cdiv(problem.seqlen_q, BLOCK_M), b * problem.heads_q)
     kernel = hopper_attention_forward.warmup if compile_only else hopper_attention_forward[grid]
     extra = dict(grid=grid) if compile_only else {}
-    kernel(q_view[0], k_view[0], v_view[0], out, lse, *q_view[1:], *k_view[1:],
-           stride_ob, stride_oh, stride_om, lse.stride(0), lse.stride(1),
+    kernel(*descriptors, out, lse, stride_ob, stride_oh, stride_om, lse.stride(0), lse.stride(1),
            problem.seqlen_q, problem.seqlen_k, problem.heads_q, problem.group_size, problem.scale * LOG2E,
            CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES,
-           num_warps=NUM_WARPS, **extra)
+           num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
     return out, lse
