@@ -36,7 +36,7 @@ LN2 = gl.constexpr(0.6931471805599453)
 BLOCK_M = 128
 BLOCK_N = 128
 STAGES = 2
-NUM_WARPS = 8  # the consumers: two warpgroups; the producer warp comes on top
+NUM_WARPS = 4  # the first consumer warpgroup; the second and the producer warp are worker partitions
 MAX_REGISTERS = 168  # per thread, over 12 warps: 64K registers, rebalanced to the consumers
 HEAD_DIMS = (64, 128)
 
@@ -75,10 +75,12 @@ def _key_blocks(m0, seqlen_q, seqlen_k, CAUSAL: gl.constexpr, BLOCK_M: gl.conste
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty,
-              b, h, h_kv, m0, seqlen_q, seqlen_k,
-              CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The load warp: Q once, then K_i and V_i into their rings as buffers come back."""
+def _producer(buffers, scalars, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The load warp: Q once, then K_i and V_i into their rings as both consumers hand buffers back."""
+    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty, turns = buffers
+    b, h, h_kv, m0, seqlen_q, seqlen_k, qk_scale, Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh = \
+        scalars
     num_blocks, full_end = _key_blocks(m0, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
     if num_blocks > 0:
         mbarrier.expect(q_ready, q_desc.block_type.nbytes)
@@ -96,34 +98,53 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, 
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty, Out, Lse,
-              b, h, m0, stride_ob, stride_oh, stride_om, stride_lb, stride_lh, seqlen_q, seqlen_k, qk_scale,
-              CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """The two compute warpgroups: scores, online softmax, P V, and the output."""
+def _issue_turn(turns, event, ME: gl.constexpr):
+    """Ping-pong between the consumers: wait until it is this warpgroup's turn to issue wgmma
+    (event-th time); the other warpgroup's turn comes once this one has issued (`_pass_turn`). So
+    one warpgroup's softmax runs while the other's matrix products occupy the tensor cores.
+    Consumer 0 goes first: a barrier starts in phase 1 complete."""
+    mbarrier.wait(turns.index(ME), (event & 1) ^ (1 - ME))
+
+
+@gluon.jit
+def _pass_turn(turns, ME: gl.constexpr):
+    mbarrier.arrive(turns.index(1 - ME), count=1)
+
+
+@gluon.jit
+def _consumer(buffers, scalars, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ME: gl.constexpr):
+    """Compute warpgroup ME (0 or 1): rows ME * 64 .. ME * 64 + 63 of the program's block. Scores,
+    online softmax, P V, and the output."""
+    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty, turns = buffers
+    b, h, h_kv, m0, seqlen_q, seqlen_k, qk_scale, Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh = \
+        scalars
+    ROWS: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = Out.dtype.element_ty
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
 
     num_blocks, full_end = _key_blocks(m0, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
     shift = seqlen_k - seqlen_q
-    q = q_smem.reshape([BLOCK_M, HEAD_DIM])
-    rows = m0 + gl.arange(0, BLOCK_M, layout=row_layout)
-    row_max = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
-    row_sum = gl.zeros([BLOCK_M], gl.float32, layout=row_layout)
-    o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    q = q_smem.reshape([BLOCK_M, HEAD_DIM]).slice(ME * ROWS, ROWS)
+    rows = m0 + ME * ROWS + gl.arange(0, ROWS, layout=row_layout)
+    row_max = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+    row_sum = gl.zeros([ROWS], gl.float32, layout=row_layout)
+    o = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
 
     if num_blocks > 0:
         # Block 0: scores and softmax, nothing to overlap with yet.
         mbarrier.wait(q_ready, 0)
         mbarrier.wait(k_ready.index(0), 0)
+        _issue_turn(turns, 0, ME)
         s = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                           use_acc=False, is_async=True)
+        _pass_turn(turns, ME)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
         if full_end > 0:
@@ -137,12 +158,14 @@ def _consumer(q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empt
         for j in range(1, num_blocks):
             # S_j = Q K_j^T and O += P_{j-1} V_{j-1}, both in flight at once.
             slot = j % STAGES
+            prev = (j - 1) % STAGES
             mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            _issue_turn(turns, j, ME)
             s = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                               use_acc=False, is_async=True)
-            prev = (j - 1) % STAGES
-            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
             o = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
+            _pass_turn(turns, ME)
             s = warpgroup_mma_wait(1, deps=(s,))
             mbarrier.arrive(k_empty.index(slot), count=1)
 
@@ -162,7 +185,9 @@ def _consumer(q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empt
         # The last block's P V.
         last = num_blocks - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        _issue_turn(turns, num_blocks, ME)
         o = warpgroup_mma(p_op, v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
+        _pass_turn(turns, ME)
         o = warpgroup_mma_wait(0, deps=(o,))
         mbarrier.arrive(v_empty.index(last % STAGES), count=1)
 
@@ -174,14 +199,25 @@ def _consumer(q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empt
     gl.store(Lse + b * stride_lb + h * stride_lh + rows, lse, mask=rows < seqlen_q)
 
     # Stores in 16-byte vectors along the head dim.
-    out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [NUM_WARPS, 1],
-                                                [1, 0])
+    out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
     out = gl.convert_layout(o.to(dtype), out_layout)
-    out_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
+    out_rows = m0 + ME * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, out_layout))
     out_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
     ptrs = (Out + b * stride_ob + h * stride_oh + gl.expand_dims(out_rows, 1) * stride_om
             + gl.expand_dims(out_cols, 0))
     gl.store(ptrs, out, mask=gl.expand_dims(out_rows < seqlen_q, 1))
+
+
+@gluon.jit
+def _first_consumer(buffers, scalars, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    _consumer(buffers, scalars, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 0)
+
+
+@gluon.jit
+def _second_consumer(buffers, scalars, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    _consumer(buffers, scalars, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 1)
 
 
 @gluon.jit
@@ -190,9 +226,11 @@ def hopper_attention_forward(
     stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads, group, qk_scale,
     CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, num_warps: gl.constexpr,
+    STAGES: gl.constexpr,
 ):
-    """Grid: (query blocks, batch * query heads). Out (B, H, Nq, D) through its strides, Lse (B, H, Nq)."""
+    """Grid: (query blocks, batch * query heads). Out (B, H, Nq, D) through its strides, Lse (B, H, Nq).
+    Launched with 4 warps (the first consumer); the second consumer and the producer are worker
+    partitions."""
     # Row blocks in reverse: with a causal mask the last ones see the most keys; longest first.
     m0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
     b = gl.program_id(1) // heads
@@ -207,20 +245,24 @@ def hopper_attention_forward(
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # both consumers hand each buffer back
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(v_empty.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turns.index(i), count=1)
 
+    buffers = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty, turns)
+    scalars = (b, h, h_kv, m0, seqlen_q, seqlen_k, qk_scale, Out, Lse, stride_ob, stride_oh, stride_om, stride_lb,
+               stride_lh)
     gl.warp_specialize([
-        (_consumer, (q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty, Out, Lse,
-                     b, h, m0, stride_ob, stride_oh, stride_om, stride_lb, stride_lh, seqlen_q, seqlen_k, qk_scale,
-                     CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, num_warps)),
-        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty,
-                     b, h, h_kv, m0, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
-    ], [1], [24])
+        (_first_consumer, (buffers, scalars, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+        (_second_consumer, (buffers, scalars, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+        (_producer, (buffers, scalars, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+    ], [4, 1], [240, 24])
 
 
 # Host side
