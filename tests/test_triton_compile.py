@@ -93,3 +93,45 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
+
+
+GLUON_SCRIPT = r"""
+import sys
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.runtime.jit import mangle_type
+from flashdispatch.backends.triton import hopper
+
+fn = hopper.hopper_attention_forward
+failures = 0
+for head_dim, causal, dtype in ((128, False, torch.bfloat16), (128, True, torch.float16), (64, True, torch.bfloat16)):
+    t = torch.empty(2, 4, 256, head_dim, dtype=dtype)
+    descriptor = mangle_type(hopper._descriptor(t, t.stride(), 2, 4, 256, head_dim, hopper.BLOCK_M))
+    constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper.BLOCK_M, BLOCK_N=hopper.BLOCK_N,
+                      STAGES=hopper.STAGES)
+    pointer = "*bf16" if dtype == torch.bfloat16 else "*fp16"
+    types = {"Out": pointer, "Lse": "*fp32", "qk_scale": "fp32"}
+    signature = {name: "constexpr" if name in constexprs else descriptor if name.endswith("_desc")
+                 else types.get(name, "i32") for name in fn.arg_names}
+    src = GluonASTSource(fn=fn, signature=signature,
+                         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=hopper.NUM_WARPS, maxnreg=hopper.MAX_REGISTERS))
+        assert "wgmma.wait_group.sync.aligned 1" in compiled.asm["ptx"], "no wgmma left in flight under the softmax"
+    except Exception as exc:
+        failures += 1
+        print(f"D={head_dim} causal={causal} {dtype}: {type(exc).__name__}: {exc}", file=sys.stderr)
+sys.exit(1 if failures else 0)
+"""
+
+
+def test_the_gluon_hopper_forward_compiles_for_sm90(tmp_path):
+    pytest.importorskip("flashdispatch.backends.triton.hopper")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", GLUON_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]

@@ -24,6 +24,8 @@ Consumers, per key block j (buffers handed back to the producer as soon as their
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -39,6 +41,11 @@ STAGES = 2
 NUM_WARPS = 4  # the first consumer warpgroup; the second and the producer warp are worker partitions
 MAX_REGISTERS = 168  # per thread, over 12 warps: 64K registers, rebalanced to the consumers
 HEAD_DIMS = (64, 128)
+
+log = logging.getLogger("flashdispatch")
+# Why the kernel stopped being used in this process (it failed to compile or launch: Gluon is
+# experimental and its API moves between Triton releases), or None.
+_failure: str | None = None
 
 
 @gluon.jit
@@ -270,7 +277,7 @@ def hopper_attention_forward(
 
 def problem_reasons(problem) -> list[str]:
     """Why this forward does not take `problem` (empty: it does)."""
-    reasons = []
+    reasons = [_failure] if _failure else []
     if problem.dtype not in (torch.float16, torch.bfloat16):
         reasons.append("float16 or bfloat16 only")
     if problem.head_dim != problem.head_dim_v or problem.head_dim not in HEAD_DIMS:
@@ -317,8 +324,17 @@ def forward(q, k, v, problem, strides, compile_only: bool = False):
     grid = (triton.cdiv(problem.seqlen_q, BLOCK_M), b * problem.heads_q)
     kernel = hopper_attention_forward.warmup if compile_only else hopper_attention_forward[grid]
     extra = dict(grid=grid) if compile_only else {}
-    kernel(*descriptors, out, lse, stride_ob, stride_oh, stride_om, lse.stride(0), lse.stride(1),
-           problem.seqlen_q, problem.seqlen_k, problem.heads_q, problem.group_size, problem.scale * LOG2E,
-           CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES,
-           num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
+    try:
+        kernel(*descriptors, out, lse, stride_ob, stride_oh, stride_om, lse.stride(0), lse.stride(1),
+               problem.seqlen_q, problem.seqlen_k, problem.heads_q, problem.group_size, problem.scale * LOG2E,
+               CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES,
+               num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
+    except Exception as exc:  # noqa: BLE001 - fall back to the portable kernel, say so once
+        if compile_only:  # compiling ahead is best effort: the first real launch decides
+            log.info("flashdispatch triton: compiling the Gluon kernel ahead failed (%s: %s)", type(exc).__name__, exc)
+            return None
+        global _failure
+        _failure = f"the Gluon kernel failed in this process ({type(exc).__name__}: {exc})"[:300]
+        log.warning("flashdispatch triton: %s; using the portable Triton kernel instead", _failure)
+        return None
     return out, lse
