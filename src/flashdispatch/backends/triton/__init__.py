@@ -12,6 +12,12 @@ per key block (the query heads of a group summed in the program, no atomics: det
 one for dQ per query block, both recomputing P from the saved LSE, so it accepts any forward
 backend's state.
 
+On Hopper the forward of dense float16/bfloat16 problems at head dims 64 and 128 (causal or not,
+GQA) has a second kernel, `hopper.py`, written in Gluon: a TMA producer warp and two consumer
+warpgroups that ping-pong on the tensor cores and overlap each softmax with the previous block's
+P V product (FlashAttention-3's scheme). The tuner offers it first and falls back to the portable
+kernel if it fails.
+
 Launch configurations come from `configs.py`: a pruned candidate list per kernel, GPU generation
 and head-dim class, tuned once per shape bucket on the first call.
 
