@@ -213,7 +213,7 @@ class TritonBackend(Backend):
                 problem.seqlen_q, problem.seqlen_k, problem.heads_kv, problem.group_size, keys_per_split,
                 problem.scale, problem.softcap or 1.0, problem.window_left, problem.window_right,
                 VARLEN=problem.varlen, PACK_GQA=pack, SOFTCAP=bool(problem.softcap), FLOAT32=q.dtype == torch.float32,
-                TMA=tma is not None, OVERLAP=config.overlap and not decoding,
+                TMA=tma is not None,
                 **_kernel_args(Config(block_m, config.block_n, config.num_warps, config.num_stages), problem),
             )
             if splits == 1 or compile_only:

@@ -16,7 +16,7 @@ Environment:
     FLASHDISPATCH_TRITON_AUTOTUNE=0   take the first candidate without timing (no tuning runs)
     FLASHDISPATCH_TRITON_CONFIG       force configurations, e.g. "forward=128,64,8,3,tma;dq=64,64,4,3"
                                       (BLOCK_M, BLOCK_N, num_warps, num_stages, and for the forward
-                                      the optional flags tma, overlap and gluon), for experiments
+                                      the optional flags tma and gluon), for experiments
 """
 
 from __future__ import annotations
@@ -54,9 +54,6 @@ class Config:
     # Forward only, sm90 and later: K and V through TMA tensor descriptors (plain loads where
     # strides or head dims do not allow a descriptor).
     tma: bool = False
-    # Forward only: the wholly visible key blocks software-pipelined by hand (the next block's
-    # QK^T issued before this block's softmax), for the tensor cores to work under the softmax.
-    overlap: bool = False
     # Forward only, sm90: the Gluon kernel of `hopper.py` (TMA, asynchronous wgmma, softmax under
     # the P V product) where it takes the problem; this config's plain kernel elsewhere.
     gluon: bool = False
@@ -66,7 +63,7 @@ class Config:
         return f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} stages={self.num_stages}{flags}"
 
 
-FLAGS = ("tma", "overlap", "gluon")  # Config's optional forward flags, as FLASHDISPATCH_TRITON_CONFIG spells them
+FLAGS = ("tma", "gluon")  # Config's optional forward flags, as FLASHDISPATCH_TRITON_CONFIG spells them
 
 
 def _c(*values: int) -> Config:
@@ -168,7 +165,7 @@ def _forced() -> dict[str, Config]:
                 raise ValueError
         except ValueError:
             raise ValueError(f"FLASHDISPATCH_TRITON_CONFIG: expected 'kernel=BLOCK_M,BLOCK_N,warps,stages"
-                             f"[,tma][,overlap][,gluon]' with kernel one of {', '.join(KERNELS)}; got {item!r}") from None
+                             f"[,tma][,gluon]' with kernel one of {', '.join(KERNELS)}; got {item!r}") from None
         forced[kernel] = Config(*numbers, **{name: name in flags for name in FLAGS})
     return forced
 

@@ -239,41 +239,6 @@ def _forward_blocks(acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_
     return acc, row_sum, row_max
 
 
-@triton.jit
-def _forward_blocks_overlapped(acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                               desc_k, desc_v, tma_batch, tma_head, k_start,
-                               start, end, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
-                               SOFTCAP: tl.constexpr, FLOAT32: tl.constexpr, TMA: tl.constexpr,
-                               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """`_forward_blocks` over wholly visible blocks, software-pipelined by hand: the scores of
-    block j + 1 are issued before the softmax of block j, so on Hopper the asynchronous wgmma of
-    the next QK^T runs on the tensor cores while this block's exponentials run on the CUDA cores
-    (FlashAttention-3's intra-warpgroup overlap). Costs one more (BLOCK_M, BLOCK_N) float32 tile of
-    registers."""
-    # cols only matter to masked blocks: these are wholly visible.
-    cols = tl.arange(0, BLOCK_N)
-    if start < end:
-        k = _tile(k_base, desc_k, start, stride_kn, stride_kd, k_len, tma_batch, tma_head, k_start,
-                  False, TMA, BLOCK_N, HEAD_DIM, BLOCK_D)
-        s = _dot(q, tl.trans(k), None, FLOAT32)
-        for n0 in range(start + BLOCK_N, end, BLOCK_N):
-            k = _tile(k_base, desc_k, n0, stride_kn, stride_kd, k_len, tma_batch, tma_head, k_start,
-                      False, TMA, BLOCK_N, HEAD_DIM, BLOCK_D)
-            s_next = _dot(q, tl.trans(k), None, FLOAT32)
-            v = _tile(v_base, desc_v, n0 - BLOCK_N, stride_vn, stride_vd, k_len, tma_batch, tma_head, k_start,
-                      False, TMA, BLOCK_N, HEAD_DIM_V, BLOCK_DV)
-            acc, row_sum, row_max = _softmax_step(acc, row_sum, row_max, s, v, cols, rows, q_len, k_len,
-                                                  window_left, window_right, qk_scale, softcap, False, SOFTCAP,
-                                                  FLOAT32)
-            s = s_next
-        v = _tile(v_base, desc_v, end - BLOCK_N, stride_vn, stride_vd, k_len, tma_batch, tma_head, k_start,
-                  False, TMA, BLOCK_N, HEAD_DIM_V, BLOCK_DV)
-        acc, row_sum, row_max = _softmax_step(acc, row_sum, row_max, s, v, cols, rows, q_len, k_len,
-                                              window_left, window_right, qk_scale, softcap, False, SOFTCAP, FLOAT32)
-    return acc, row_sum, row_max
-
-
 @_kernel
 def attention_forward(
     Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k, desc_k, desc_v,
@@ -285,7 +250,7 @@ def attention_forward(
     seqlen_q, seqlen_k, heads_kv, group, keys_per_split,
     scale, softcap, window_left, window_right,
     VARLEN: tl.constexpr, PACK_GQA: tl.constexpr, SOFTCAP: tl.constexpr, FLOAT32: tl.constexpr,
-    TMA: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one sequence against one split of its keys.
@@ -295,8 +260,7 @@ def attention_forward(
     GQA group share each K/V tile: decoding reads every key once per group, not once per head.
     Writes out (rows, Dv) and lse (rows,), at split index program_id(2) when split.
     TMA: K and V come through desc_k and desc_v, (B, Hkv, N, D) tensor descriptors (B = 1 and N
-    the packed tokens for a variable-length batch). OVERLAP: the wholly visible blocks run
-    software-pipelined (`_forward_blocks_overlapped`).
+    the packed tokens for a variable-length batch).
     """
     # Row blocks in reverse: with a causal mask the last ones see the most keys, and starting the
     # longest programs first leaves the short ones to fill the tail of the grid.
@@ -353,18 +317,11 @@ def attention_forward(
         desc_k, desc_v, tma_batch, head_kv, k_start,
         first, full_start, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
         True, SOFTCAP, FLOAT32, TMA, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
-    if OVERLAP:
-        acc, row_sum, row_max = _forward_blocks_overlapped(
-            acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            desc_k, desc_v, tma_batch, head_kv, k_start,
-            full_start, full_end, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
-            SOFTCAP, FLOAT32, TMA, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
-    else:
-        acc, row_sum, row_max = _forward_blocks(
-            acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            desc_k, desc_v, tma_batch, head_kv, k_start,
-            full_start, full_end, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
-            False, SOFTCAP, FLOAT32, TMA, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+    acc, row_sum, row_max = _forward_blocks(
+        acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        desc_k, desc_v, tma_batch, head_kv, k_start,
+        full_start, full_end, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
+        False, SOFTCAP, FLOAT32, TMA, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     acc, row_sum, row_max = _forward_blocks(
         acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         desc_k, desc_v, tma_batch, head_kv, k_start,
