@@ -135,8 +135,26 @@ def _host_memory() -> int | None:
         return None
 
 
+# The hot path of `capabilities(q.device)`: a complete torch.device (the CPU, or a GPU with its
+# index) -> its Capabilities, skipping the torch.cuda queries below. Only complete devices are kept:
+# "cuda", torch.device("cuda") and None mean the *current* GPU, which can change. Entries are what
+# `_capabilities` returned for the same device and stay right as long as its cache does: to forget
+# them, call `clear_cache()`, which empties both.
+_complete: dict = {}
+
+
+def clear_cache() -> None:
+    """Forget every device's capabilities (the next call probes the device again)."""
+    _complete.clear()
+    _capabilities.cache_clear()
+
+
 def capabilities(device=None) -> Capabilities:
     """Describe `device` (default: the current CUDA device, else the CPU)."""
+    caps = _complete.get(device) if type(device) is torch.device else None
+    if caps is not None:
+        return caps
+    given = device
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
@@ -144,7 +162,10 @@ def capabilities(device=None) -> Capabilities:
         raise ValueError(f"device {device} was asked for, but this machine has no CUDA GPU that torch can use")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return _capabilities(device)
+    caps = _capabilities(device)
+    if type(given) is torch.device and (given.type != "cuda" or given.index is not None):
+        _complete[given] = caps
+    return caps
 
 
 @functools.lru_cache(maxsize=None)

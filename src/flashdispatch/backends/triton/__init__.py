@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -64,11 +65,16 @@ def _interpreting() -> bool:
 
 def _strides(t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
     """(batch, head, token, dim) strides of a tensor in `layout` (batch stride 0 when packed)."""
+    return _strides_of(t.stride(), layout)
+
+
+def _strides_of(strides: tuple, layout: str) -> tuple:
+    """`_strides` from a stride() tuple."""
     if layout == "bhsd":
-        return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+        return strides
     if layout == "bshd":
-        return t.stride(0), t.stride(2), t.stride(1), t.stride(3)
-    return 0, t.stride(1), t.stride(0), t.stride(2)  # packed (tokens, heads, dim)
+        return strides[0], strides[2], strides[1], strides[3]
+    return 0, strides[1], strides[0], strides[2]  # packed (tokens, heads, dim)
 
 
 def _lse_strides(problem: Problem) -> tuple[int, int]:
@@ -124,6 +130,112 @@ def _decoding(problem: Problem) -> bool:
     return problem.seqlen_q <= DECODE_MAX_QUERIES and not problem.varlen
 
 
+# An int32 tensor with no elements per device: the cu_seqlens arguments of a batch that is not
+# variable-length, which the kernels never read. Made once per device instead of once per call.
+_no_offsets: dict = {}
+
+
+def _empty_int32(device: torch.device) -> torch.Tensor:
+    t = _no_offsets.get(device)
+    if t is None:
+        t = _no_offsets[device] = torch.empty(0, dtype=torch.int32, device=device)
+    return t
+
+
+@dataclass(frozen=True)
+class _ForwardPlan:
+    """What a forward launch derives from the problem and the configuration alone: the grid, the
+    key splits, the shapes and strides of the buffers it allocates, the kernels' keyword arguments.
+    Computed once per (problem, config, SM count, interpreter or not) and kept in `_plans`."""
+
+    grid: tuple[int, int, int]
+    splits: int
+    keys_per_split: int
+    out_shape: tuple  # one split: the output, in the caller's layout; several: (S, B, Hq, Nq, Dv) float32
+    lse_shape: tuple  # one split: the LSE; several: (S,) + the LSE's shape
+    out_strides: tuple  # (split, batch, head, token, dim) of the buffer of out_shape
+    lse_strides: tuple  # (split, batch, head)
+    constants: dict  # attention_forward's constexpr and launch keyword arguments, TMA and gluon aside
+    merged_shape: tuple  # several splits: the merged output and LSE, and merge_splits' arguments
+    merged_lse_shape: tuple
+    merge_grid: tuple
+    merge_strides: tuple  # the partial outputs' (split, batch, head, token) strides, the partial LSE's split
+                          # stride, then the merged output's (batch, head, token, dim) strides
+    merge_constants: dict
+
+
+# (problem, config, SM count, interpreting) -> _ForwardPlan. Everything in a plan follows from its key
+# (fresh torch.empty buffers of one shape always have the same strides), so it never goes stale; it
+# is emptied when full, as a decoding loop whose cache grows makes a new problem each step.
+_plans: dict = {}
+MAX_PLANS = 1024
+
+
+def _contiguous_strides(shape: tuple) -> tuple:
+    """The strides torch.empty(shape) gets (row-major; a dimension of size 0 or 1 counts as 1)."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _forward_plan(problem: Problem, config: Config, sm_count: int | None, interpreting: bool) -> _ForwardPlan:
+    key = (problem, config, sm_count, interpreting)
+    plan = _plans.get(key)
+    if plan is not None:
+        return plan
+    decoding = _decoding(problem)
+    pack = decoding and problem.group_size > 1
+    rows = problem.seqlen_q * (problem.group_size if pack else 1)
+    heads = problem.heads_kv if pack else problem.heads_q
+    if problem.varlen:
+        out_shape, lse_shape = (problem.total_q, problem.heads_q, problem.head_dim_v), (problem.heads_q, problem.total_q)
+    else:
+        lse_shape = (problem.batch, problem.heads_q, problem.seqlen_q)
+        out_shape = ((problem.batch, problem.heads_q, problem.seqlen_q, problem.head_dim_v) if problem.layout == "bhsd"
+                     else (problem.batch, problem.seqlen_q, problem.heads_q, problem.head_dim_v))
+    block_m = config.block_m
+    if decoding:
+        block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
+    programs = _cdiv(rows, block_m) * problem.batch * heads
+    splits = 1
+    if decoding:
+        # The interpreter splits short caches too, so that the tests reach the merge.
+        min_keys = config.block_n * (1 if interpreting else DECODE_MIN_BLOCKS_PER_SPLIT)
+        splits = max(1, min(_cdiv(DECODE_PROGRAMS_PER_SM * (sm_count or 1), programs), problem.seqlen_k // min_keys))
+    keys_per_split = _cdiv(_cdiv(problem.seqlen_k, splits), config.block_n) * config.block_n
+    splits = _cdiv(problem.seqlen_k, keys_per_split)
+    merged_shape, merged_lse_shape, merge_grid, merge_strides, merge_constants = (), (), (), (), {}
+    if splits == 1:
+        buffer_strides = _contiguous_strides(out_shape)
+        out_strides = (0,) + _strides_of(buffer_strides, problem.layout)
+        lse_strides = (0,) + _lse_strides(problem)
+    else:
+        # Normalised partial results per split, (S, B, Hq, Nq, Dv), merged by LSE afterwards.
+        merged_shape, merged_lse_shape = out_shape, lse_shape
+        out_shape = (splits, problem.batch, problem.heads_q, problem.seqlen_q, problem.head_dim_v)
+        lse_shape = (splits,) + lse_shape
+        out_strides = _contiguous_strides(out_shape)
+        lse_split_stride = _contiguous_strides(lse_shape)[0]
+        lse_strides = (lse_split_stride,) + _lse_strides(problem)
+        merged_strides = _strides_of(_contiguous_strides(merged_shape), problem.layout)
+        merge_grid = (problem.seqlen_q, problem.batch * problem.heads_q)
+        merge_strides = out_strides[:4] + (lse_split_stride,) + merged_strides
+        merge_constants = dict(HEAD_DIM_V=problem.head_dim_v, BLOCK_S=max(2, 1 << (splits - 1).bit_length()),
+                               BLOCK_DV=_block(problem.head_dim_v), num_warps=4)
+    constants = dict(VARLEN=problem.varlen, PACK_GQA=pack, SOFTCAP=bool(problem.softcap),
+                     FLOAT32=problem.dtype == torch.float32,
+                     **_kernel_args(Config(block_m, config.block_n, config.num_warps, config.num_stages), problem))
+    plan = _ForwardPlan((_cdiv(rows, block_m), problem.batch * heads, splits), splits, keys_per_split,
+                        out_shape, lse_shape, out_strides, lse_strides, constants, merged_shape, merged_lse_shape,
+                        merge_grid, merge_strides, merge_constants)
+    if len(_plans) >= MAX_PLANS:
+        _plans.clear()
+    _plans[key] = plan
+    return plan
+
+
 class TritonBackend(Backend):
     name = "triton"
     support = SUPPORT
@@ -161,70 +273,44 @@ class TritonBackend(Backend):
     def forward(self, q, k, v, problem, cu_seqlens_q=None, cu_seqlens_k=None):
         from . import kernels
 
-        caps = capabilities(q.device)
+        device = q.device
+        caps = capabilities(device)
         layout = problem.layout
         decoding = _decoding(problem)
-        pack = decoding and problem.group_size > 1
-        rows = problem.seqlen_q * (problem.group_size if pack else 1)
-        heads = problem.heads_kv if pack else problem.heads_q
-        dummy = q.new_empty(0, dtype=torch.int32)
-        lse_shape = (problem.heads_q, problem.total_q) if problem.varlen else (problem.batch, problem.heads_q, problem.seqlen_q)
+        interpreting = _interpreting()
+        if not problem.varlen:
+            cu_seqlens_q = cu_seqlens_k = _empty_int32(device)
 
         def launch(config: Config, compile_only: bool = False):
-            block_m = config.block_m
-            if decoding:
-                block_m = min(64, max(16, 1 << (rows - 1).bit_length()))
-            programs = _cdiv(rows, block_m) * problem.batch * heads
-            splits = 1
-            if decoding:
-                # The interpreter splits short caches too, so that the tests reach the merge.
-                min_keys = config.block_n * (1 if _interpreting() else DECODE_MIN_BLOCKS_PER_SPLIT)
-                splits = max(1, min(_cdiv(DECODE_PROGRAMS_PER_SM * (caps.sm_count or 1), programs),
-                                    problem.seqlen_k // min_keys))
-            keys_per_split = _cdiv(_cdiv(problem.seqlen_k, splits), config.block_n) * config.block_n
-            splits = _cdiv(problem.seqlen_k, keys_per_split)
-            if splits == 1:
-                out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-                lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-                out_strides = (0,) + _strides(out, layout)
-                lse_strides = (0,) + _lse_strides(problem)
-            else:
-                # Normalised partial results per split, (S, B, Hq, Nq, Dv), merged by LSE below.
-                out = torch.empty((splits, problem.batch, problem.heads_q, problem.seqlen_q, problem.head_dim_v),
-                                  dtype=torch.float32, device=q.device)
-                lse = torch.empty((splits,) + lse_shape, dtype=torch.float32, device=q.device)
-                out_strides = (out.stride(0),) + _strides(out[0], "bhsd")
-                lse_strides = (lse.stride(0),) + _lse_strides(problem)
-            if config.gluon and not decoding and not _interpreting() and not hopper_reasons(problem):
+            plan = _forward_plan(problem, config, caps.sm_count, interpreting)
+            splits = plan.splits
+            out = torch.empty(plan.out_shape, dtype=q.dtype if splits == 1 else torch.float32, device=device)
+            lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)
+            if config.gluon and not decoding and not interpreting and not hopper_reasons(problem):
                 from . import hopper
 
                 result = hopper.forward(q, k, v, problem, lambda t: _strides(t, layout), compile_only)
                 if result is not None:
                     return result
             tma = None
-            sm90 = _interpreting() or (caps.compute_capability or (0, 0)) >= (9, 0)
+            sm90 = interpreting or (caps.compute_capability or (0, 0)) >= (9, 0)
             if config.tma and sm90 and not decoding:
                 tma = _descriptors(k, v, problem, config)
-            _runner(kernels.attention_forward, (_cdiv(rows, block_m), problem.batch * heads, splits), compile_only)(
-                q, k, v, out, lse,
-                cu_seqlens_q if problem.varlen else dummy, cu_seqlens_k if problem.varlen else dummy,
+            _runner(kernels.attention_forward, plan.grid, compile_only)(
+                q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                 *(tma or (None, None)),
-                *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *out_strides, *lse_strides,
-                problem.seqlen_q, problem.seqlen_k, problem.heads_kv, problem.group_size, keys_per_split,
+                *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *plan.out_strides, *plan.lse_strides,
+                problem.seqlen_q, problem.seqlen_k, problem.heads_kv, problem.group_size, plan.keys_per_split,
                 problem.scale, problem.softcap or 1.0, problem.window_left, problem.window_right,
-                VARLEN=problem.varlen, PACK_GQA=pack, SOFTCAP=bool(problem.softcap), FLOAT32=q.dtype == torch.float32,
-                TMA=tma is not None,
-                **_kernel_args(Config(block_m, config.block_n, config.num_warps, config.num_stages), problem),
+                TMA=tma is not None, **plan.constants,
             )
             if splits == 1 or compile_only:
                 return out, lse
-            merged = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-            merged_lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-            kernels.merge_splits[(problem.seqlen_q, problem.batch * problem.heads_q)](
-                out, lse, merged, merged_lse, out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-                lse.stride(0), *_strides(merged, layout), splits, problem.heads_q, problem.seqlen_q,
-                HEAD_DIM_V=problem.head_dim_v, BLOCK_S=max(2, 1 << (splits - 1).bit_length()),
-                BLOCK_DV=_block(problem.head_dim_v), num_warps=4,
+            merged = torch.empty(plan.merged_shape, dtype=q.dtype, device=device)
+            merged_lse = torch.empty(plan.merged_lse_shape, dtype=torch.float32, device=device)
+            kernels.merge_splits[plan.merge_grid](
+                out, lse, merged, merged_lse, *plan.merge_strides, splits, problem.heads_q, problem.seqlen_q,
+                **plan.merge_constants,
             )
             return merged, merged_lse
 

@@ -30,6 +30,7 @@ import os
 import statistics
 import tempfile
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,8 +152,25 @@ def bucket(kernel: str, problem: Problem, caps: Capabilities) -> tuple:
             _length_bucket(problem.seqlen_q), _length_bucket(problem.seqlen_k))
 
 
-def _forced() -> dict[str, Config]:
-    text = os.environ.get("FLASHDISPATCH_TRITON_CONFIG", "").strip()
+# The last FLASHDISPATCH_TRITON_CONFIG text parsed, and what it parsed to: every kernel launch asks,
+# and the variable seldom changes, so it is parsed again only when its text differs (a bad text is
+# not kept: it raises on every call, as before).
+_forced_parsed: tuple[str, types.MappingProxyType] = ("", types.MappingProxyType({}))
+
+
+def _forced() -> types.MappingProxyType:
+    """Configurations forced by FLASHDISPATCH_TRITON_CONFIG, by kernel (read-only)."""
+    global _forced_parsed
+    text = os.environ.get("FLASHDISPATCH_TRITON_CONFIG", "")
+    if text == _forced_parsed[0]:
+        return _forced_parsed[1]
+    forced = types.MappingProxyType(_parse_forced(text))
+    _forced_parsed = (text, forced)
+    return forced
+
+
+def _parse_forced(text: str) -> dict[str, Config]:
+    text = text.strip()
     forced = {}
     for item in filter(None, (part.strip() for part in text.split(";"))):
         kernel, _, values = item.partition("=")
