@@ -8,5 +8,6 @@ start=$(date +%s)
 WARM_BENCH=1 DECODE_BENCH=0 bash "$(dirname "$0")/gpu_triton_verify.sh"
 timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/attention.py --backends triton --grid prefill --grid decode \
   --json "$out/bench_triton.json" --plot "$out/bench_triton.png" 2>&1 | grep -v "^\[W" > "$out/bench_triton.log"
-grep -E "^\[|^  (triton|sdpa-flash|sdpa-cudnn)|^ceiling|triton:" "$out/bench_triton.log"
+grep -E "^\[|^  (triton|sdpa-flash|sdpa-cudnn) |^ceiling" "$out/bench_triton.log"
+timeout 40 python3 scripts/check_triton_gpu.py --part host 2>&1 | grep "^host"
 echo "total: $(( $(date +%s) - start )) s"
