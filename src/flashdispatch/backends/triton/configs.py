@@ -44,6 +44,7 @@ log = logging.getLogger("flashdispatch")
 
 KERNELS = ("forward", "decode", "dkdv", "dq")
 TUNING_REPEATS = 5
+GPU_BUSY_CYCLES = 1_000_000  # about 0.5 ms at 2 GHz: longer than any launch path's host time
 
 
 @dataclass(frozen=True)
@@ -340,9 +341,15 @@ class Tuner:
 
     @staticmethod
     def _median_seconds(launch, config: Config) -> float:
+        """Median GPU seconds of a launch. Before each timed launch the GPU is kept busy for a
+        while (`torch.cuda._sleep`), so that the host's launch work happens under it and the
+        events measure the kernel alone: otherwise a candidate with a costlier launch path (the
+        Gluon kernel builds tensor descriptors) loses on short problems for its host time."""
         times = []
         for _ in range(TUNING_REPEATS):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if hasattr(torch.cuda, "_sleep"):
+                torch.cuda._sleep(GPU_BUSY_CYCLES)
             start.record()
             launch(config)
             end.record()
