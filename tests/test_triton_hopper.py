@@ -65,6 +65,8 @@ def test_descriptors_refuse_what_tma_cannot_address():
     assert hopper._descriptor(t, _strides(t, "bhsd"), 2, 4, 300, 128, 128) is None
     t = torch.randn(2, 4, 128, 300, dtype=torch.bfloat16).transpose(-1, -2)  # dim stride 300
     assert hopper._descriptor(t, _strides(t, "bhsd"), 2, 4, 300, 128, 128) is None
+    t = torch.randn(2, 1, 300, 128, dtype=torch.bfloat16).expand(2, 4, 300, 128)  # broadcast heads: stride 0
+    assert hopper._descriptor(t, _strides(t, "bhsd"), 2, 4, 300, 128, 128) is None
     # A size-1 dimension's stride never moves the address, so an odd one is no obstacle.
     t = torch.randn(1, 1, 300, 128, dtype=torch.bfloat16)
     assert hopper._descriptor(t, (7, 3, 128, 1), 1, 1, 300, 128, 128) is not None

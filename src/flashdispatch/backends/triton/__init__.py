@@ -53,6 +53,7 @@ SUPPORT = Support(
     deterministic_backward=True,
 )
 
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, where the kernels put batch x heads
 DECODE_MAX_QUERIES = 16  # forward problems up to this many queries take the decoding path
 # Split-KV decoding: enough programs for this many per SM, each with at least this many key blocks.
 DECODE_PROGRAMS_PER_SM = 4
@@ -253,7 +254,19 @@ class TritonBackend(Backend):
             return ["runs on the CPU only in Triton's interpreter (TRITON_INTERPRET=1), for tests"]
         if problem.device_type == "cpu" and problem.dtype == torch.bfloat16:
             return ["bfloat16 dots are wrong in Triton's CPU interpreter (3.4-3.9)"]
-        return []
+        reasons = []
+        if problem.scale <= 0:
+            # The kernels take each row's running max on the raw scores and scale it after, which
+            # holds for a positive scale only.
+            reasons.append(f"scale {problem.scale:g}: positive scales only")
+        if problem.batch * problem.heads_q > MAX_GRID_Y:
+            reasons.append(f"batch x query heads = {problem.batch * problem.heads_q}: at most {MAX_GRID_Y} "
+                           f"(the kernels' second grid axis)")
+        elements = max(problem.total_q * problem.heads_q, problem.total_k * problem.heads_kv) * max(
+            problem.head_dim, problem.head_dim_v)
+        if elements >= 2**31:
+            reasons.append(f"a tensor of {elements} elements: under 2^31 only (the kernels' offsets are 32-bit)")
+        return reasons
 
     def notes(self, problem: Problem, caps: Capabilities) -> list[str]:
         kernels = ["decode" if _decoding(problem) else "forward"] + (["dkdv", "dq"] if problem.needs_grad else [])

@@ -295,11 +295,11 @@ def _descriptor(t: torch.Tensor, strides: tuple[int, int, int, int], batch: int,
                 head_dim: int, block_rows: int):
     """A (B, H, N, D) tensor descriptor over t, whose (batch, head, token, dim) strides are
     `strides`, in (1, 1, block_rows, D) blocks; None where TMA cannot address t (a non-unit dim
-    stride, a base or stride not a multiple of 16 bytes)."""
+    stride, a base or stride not a multiple of 16 bytes, a broadcast (zero) stride)."""
     size = t.element_size()
     # The stride of a dimension of size 1 never moves the address: any aligned value will do.
     strides = [x if n > 1 else seqlen * head_dim for x, n in zip(strides, (batch, heads, seqlen, head_dim))]
-    if strides[3] != 1 or t.data_ptr() % 16 or any(x * size % 16 for x in strides[:3]):
+    if strides[3] != 1 or t.data_ptr() % 16 or any(x <= 0 or x * size % 16 for x in strides[:3]):
         return None
     block = [1, 1, block_rows, head_dim]
     layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
