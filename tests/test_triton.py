@@ -292,18 +292,10 @@ def test_gpu_first_call_tunes_reports_and_saves_for_the_next_process(monkeypatch
     assert "tuned on an earlier run" in str(explain(q, q, q, backend="triton"))
 
 
-def test_refuses_what_its_kernels_cannot_compute_with_reasons(monkeypatch):
+def test_refuses_what_its_kernels_cannot_launch_with_reasons(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     backend = TritonBackend()
     caps = capabilities(torch.device("cpu"))
-    q = torch.randn(1, 2, 100, 64, dtype=torch.float16)
-    for scale in (0.0, -0.3):
-        reasons = backend.extra_reasons(build_problem(q, q, q, scale=scale), caps)
-        assert reasons == [f"scale {scale:g}: positive scales only"]
-    # Dispatch goes elsewhere, and gives the right answer.
-    out = attention(q, q, q, scale=-0.3)
-    ref, _ = attention_math(q.double(), q.double(), q.double(), scale=-0.3)
-    assert (out.double() - ref).abs().max() < 1e-2
     many_heads = torch.empty(2, 40000, 1, 64, dtype=torch.float16, device="meta")
     assert "second grid axis" in backend.extra_reasons(build_problem(many_heads, many_heads, many_heads), caps)[0]
     huge = torch.empty(1, 32, 2**20, 64, dtype=torch.float16, device="meta")  # 2^31 elements

@@ -58,7 +58,8 @@ def variants(arch):
             (True, True, "bf16", False, (40, 64)), (False, False, "fp32", True, (128, 128))):
         common = dict(VARLEN=varlen, SOFTCAP=softcap, FLOAT32=float32, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=head_dim,
                       HEAD_DIM_V=head_dim, BLOCK_D=block_d, BLOCK_DV=block_d)
-        yield dtype, kernels.attention_forward, dict(common, PACK_GQA=not varlen, TMA=False, desc_k=None, desc_v=None)
+        yield dtype, kernels.attention_forward, dict(common, PACK_GQA=not varlen, SCALE_FIRST=float32, TMA=False,
+                                                     desc_k=None, desc_v=None)
         yield dtype, kernels.attention_backward_dkdv, common
         yield dtype, kernels.attention_backward_dq, common
         yield dtype, kernels.attention_backward_delta, dict(VARLEN=varlen, BLOCK_M=64, HEAD_DIM_V=head_dim,
@@ -66,7 +67,8 @@ def variants(arch):
         yield dtype, kernels.merge_splits, dict(HEAD_DIM_V=head_dim, BLOCK_S=16, BLOCK_DV=block_d)
     if arch >= 90:
         yield "bf16", kernels.attention_forward, dict(
-            VARLEN=False, SOFTCAP=False, FLOAT32=False, PACK_GQA=False, TMA=True, BLOCK_M=128, BLOCK_N=128,
+            VARLEN=False, SOFTCAP=False, SCALE_FIRST=False, FLOAT32=False, PACK_GQA=False, TMA=True, BLOCK_M=128,
+            BLOCK_N=128,
             HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_D=128, BLOCK_DV=128)
 
 failures = 0

@@ -33,6 +33,7 @@ def test_problems_it_takes_and_why_not_the_others():
     assert hopper.problem_reasons(build_problem(q, k, v, causal=True)) == []
     assert hopper.problem_reasons(build_problem(q, k, v, window=(64, 0))) == ["no sliding window"]
     assert hopper.problem_reasons(build_problem(q, k, v, softcap=30.0)) == ["no softcap"]
+    assert "positive scales only" in hopper.problem_reasons(build_problem(q, k, v, scale=-0.5))[0]
     q32, k32, v32 = _qkv(dtype=torch.float32)
     assert hopper.problem_reasons(build_problem(q32, k32, v32)) == ["float16 or bfloat16 only"]
     q96, k96, v96 = _qkv(shape=(2, 4, 300, 96))

@@ -61,6 +61,8 @@ class Case:
     # about q_scale), where an online softmax that forgets to rescale, or a softcap that is
     # ignored, is far off instead of slightly off.
     q_scale: float = 1.0
+    # The softmax scale passed to attention(); None: the default 1/sqrt(D).
+    scale: float | None = None
     backward: bool = False
     seed: int = field(default=0, compare=False)  # derived from the case's id, see `make_case`
 
@@ -103,6 +105,8 @@ class Case:
             parts.append(f"cap{self.softcap:g}")
         if self.q_scale != 1.0:
             parts.append(f"qx{self.q_scale:g}")
+        if self.scale is not None:
+            parts.append(f"scale{self.scale:g}")
         parts.append("bwd" if self.backward else "fwd")
         return "-".join(parts)
 
@@ -179,6 +183,12 @@ def _plan(support, tier: str) -> list[dict]:
     add(seqlen_q=129, seqlen_k=129, q_scale=8.0)
     if support.causal:
         add(seqlen_q=128, seqlen_k=128, q_scale=8.0, causal=True)
+
+    # Other softmax scales: a negative one (each row's largest weight comes from its smallest
+    # score) and zero (uniform weights), with a ragged tail whose masked keys must stay out.
+    add(seqlen_q=129, seqlen_k=129, scale=-0.25)
+    if support.causal:
+        add(seqlen_q=129, seqlen_k=129, scale=0.0, causal=True)
 
     if support.gqa:
         add(heads_q=4, heads_kv=2, seqlen_q=128, seqlen_k=128)  # ratio 2: catches a wrong head mapping

@@ -463,7 +463,7 @@ def _check(backend, case: Case, device: torch.device, result: CaseResult, failur
     inputs = make_inputs(case, device)
     problem = build_problem(
         inputs.q, inputs.k, inputs.v, causal=case.causal, window=case.window, softcap=case.softcap or None,
-        layout="bhsd" if case.varlen else case.layout, cu_seqlens_q=inputs.cu_seqlens_q,
+        scale=case.scale, layout="bhsd" if case.varlen else case.layout, cu_seqlens_q=inputs.cu_seqlens_q,
         cu_seqlens_k=inputs.cu_seqlens_k, return_lse=True, needs_grad=case.backward)
     result.problem = problem.describe()
     caps = capabilities(device)

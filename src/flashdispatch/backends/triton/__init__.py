@@ -226,7 +226,7 @@ def _forward_plan(problem: Problem, config: Config, sm_count: int | None, interp
         merge_constants = dict(HEAD_DIM_V=problem.head_dim_v, BLOCK_S=max(2, 1 << (splits - 1).bit_length()),
                                BLOCK_DV=_block(problem.head_dim_v), num_warps=4)
     constants = dict(VARLEN=problem.varlen, PACK_GQA=pack, SOFTCAP=bool(problem.softcap),
-                     FLOAT32=problem.dtype == torch.float32,
+                     SCALE_FIRST=problem.scale <= 0, FLOAT32=problem.dtype == torch.float32,
                      **_kernel_args(Config(block_m, config.block_n, config.num_warps, config.num_stages), problem))
     plan = _ForwardPlan((_cdiv(rows, block_m), problem.batch * heads, splits), splits, keys_per_split,
                         out_shape, lse_shape, out_strides, lse_strides, constants, merged_shape, merged_lse_shape,
@@ -255,10 +255,6 @@ class TritonBackend(Backend):
         if problem.device_type == "cpu" and problem.dtype == torch.bfloat16:
             return ["bfloat16 dots are wrong in Triton's CPU interpreter (3.4-3.9)"]
         reasons = []
-        if problem.scale <= 0:
-            # The kernels take each row's running max on the raw scores and scale it after, which
-            # holds for a positive scale only.
-            reasons.append(f"scale {problem.scale:g}: positive scales only")
         if problem.batch * problem.heads_q > MAX_GRID_Y:
             reasons.append(f"batch x query heads = {problem.batch * problem.heads_q}: at most {MAX_GRID_Y} "
                            f"(the kernels' second grid axis)")

@@ -288,6 +288,8 @@ def problem_reasons(problem) -> list[str]:
         reasons.append("no sliding window")
     if problem.softcap:
         reasons.append("no softcap")
+    if problem.scale <= 0:
+        reasons.append("positive scales only (the row max is taken before scaling)")
     return reasons
 
 

@@ -192,19 +192,23 @@ def _key_block(q, n0, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd
 
 @triton.jit
 def _softmax_step(acc, row_sum, row_max, s, v, cols, rows, q_len, k_len, window_left, window_right, qk_scale,
-                  softcap, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FLOAT32: tl.constexpr):
+                  softcap, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, SCALE_FIRST: tl.constexpr,
+                  FLOAT32: tl.constexpr):
     """Fold one key block into the online softmax: raw scores s (BLOCK_M, BLOCK_N), values v
     (BLOCK_N, Dv). Returns the updated running output, sum and max (log2 domain).
 
-    qk_scale turns a raw score into the log2 domain (scale * log2(e); 1 with softcap, whose scores
-    are formed in that domain already).
+    qk_scale turns a raw score into the log2 domain (scale * log2(e); scale / softcap with softcap).
+    The fast path takes the row max of the raw scores and scales it after: right for a positive
+    scale only. SCALE_FIRST (a scale <= 0) and softcap scale every score before the max instead.
     """
     if SOFTCAP:
         s = softcap * _tanh(s * qk_scale) * LOG2E  # qk_scale is scale / softcap here
+    elif SCALE_FIRST:
+        s = s * qk_scale
     if MASKED:
         s = tl.where(_visible(rows[:, None], cols[None, :], q_len, k_len, window_left, window_right),
                      s, float("-inf"))
-    if SOFTCAP:
+    if SOFTCAP or SCALE_FIRST:
         new_max = tl.maximum(row_max, tl.max(s, 1))
     else:
         new_max = tl.maximum(row_max, tl.max(s, 1) * qk_scale)
@@ -212,7 +216,7 @@ def _softmax_step(acc, row_sum, row_max, s, v, cols, rows, q_len, k_len, window_
     if MASKED:
         # A row that has seen no visible key yet keeps max -inf: shift it by 0 instead.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-    if SOFTCAP:
+    if SOFTCAP or SCALE_FIRST:
         p = tl.exp2(s - shift[:, None])
     else:
         p = tl.exp2(s * qk_scale - shift[:, None])
@@ -226,8 +230,8 @@ def _softmax_step(acc, row_sum, row_max, s, v, cols, rows, q_len, k_len, window_
 def _forward_blocks(acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                     desc_k, desc_v, tma_batch, tma_head, k_start,
                     start, end, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
-                    MASKED: tl.constexpr, SOFTCAP: tl.constexpr, FLOAT32: tl.constexpr, TMA: tl.constexpr,
-                    BLOCK_N: tl.constexpr,
+                    MASKED: tl.constexpr, SOFTCAP: tl.constexpr, SCALE_FIRST: tl.constexpr, FLOAT32: tl.constexpr,
+                    TMA: tl.constexpr, BLOCK_N: tl.constexpr,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Online softmax over the key blocks in [start, end)."""
     for n0 in range(start, end, BLOCK_N):
@@ -235,7 +239,8 @@ def _forward_blocks(acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_
                                    desc_k, desc_v, tma_batch, tma_head, k_start,
                                    MASKED, TMA, FLOAT32, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
         acc, row_sum, row_max = _softmax_step(acc, row_sum, row_max, s, v, cols, rows, q_len, k_len,
-                                              window_left, window_right, qk_scale, softcap, MASKED, SOFTCAP, FLOAT32)
+                                              window_left, window_right, qk_scale, softcap, MASKED, SOFTCAP,
+                                              SCALE_FIRST, FLOAT32)
     return acc, row_sum, row_max
 
 
@@ -249,7 +254,8 @@ def attention_forward(
     stride_ls, stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads_kv, group, keys_per_split,
     scale, softcap, window_left, window_right,
-    VARLEN: tl.constexpr, PACK_GQA: tl.constexpr, SOFTCAP: tl.constexpr, FLOAT32: tl.constexpr,
+    VARLEN: tl.constexpr, PACK_GQA: tl.constexpr, SOFTCAP: tl.constexpr, SCALE_FIRST: tl.constexpr,
+    FLOAT32: tl.constexpr,
     TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -316,17 +322,17 @@ def attention_forward(
         acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         desc_k, desc_v, tma_batch, head_kv, k_start,
         first, full_start, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
-        True, SOFTCAP, FLOAT32, TMA, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+        True, SOFTCAP, SCALE_FIRST, FLOAT32, TMA, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     acc, row_sum, row_max = _forward_blocks(
         acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         desc_k, desc_v, tma_batch, head_kv, k_start,
         full_start, full_end, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
-        False, SOFTCAP, FLOAT32, TMA, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+        False, SOFTCAP, SCALE_FIRST, FLOAT32, TMA, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     acc, row_sum, row_max = _forward_blocks(
         acc, row_sum, row_max, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         desc_k, desc_v, tma_batch, head_kv, k_start,
         full_end, end, rows, q_len, k_len, window_left, window_right, qk_scale, softcap,
-        True, SOFTCAP, FLOAT32, TMA, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+        True, SOFTCAP, SCALE_FIRST, FLOAT32, TMA, BLOCK_N, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
 
     # Rows that saw no key (row_sum 0) give output 0 and LSE -inf.
     seen = row_sum > 0
