@@ -12,6 +12,12 @@
                             and sdpa-cudnn on the prefill grid (bf16), same process
     --part host             host time per decoding call (B=8, 8k keys) against its GPU time: whether
                             the launch path, not the kernel, limits short calls
+    --part launch           host time of one launch of the decoding kernels through Triton's JIT entry
+                            (kernel[grid](...)) against a direct launch of the compiled kernel, and
+                            cProfile's view of a decoding call through attention()
+    --part flush            decoding times of triton, sdpa-flash and sdpa-cudnn and the copy ceiling with
+                            the L2 flushed by writing a buffer (dirty lines) and by reading one (clean
+                            lines, `timing.median_time`), host hidden or not
     --part varlen           throughput of a mixed-length packed batch against the equal-length batch
                             with the same token count (forward and backward, bf16, D=128)
 
@@ -193,6 +199,119 @@ def host() -> int:
     return 0
 
 
+def launch() -> int:
+    import cProfile
+    import pstats
+    import time
+
+    from flashdispatch import attention
+    from flashdispatch.backends.triton import TritonBackend, _forward_plan, _strides, kernels
+    from flashdispatch.backends.triton.configs import Config
+    from flashdispatch.dispatcher.capabilities import capabilities
+    from flashdispatch.dispatcher.problem import build_problem
+
+    q = torch.randn(8, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(8, 8, 8192, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    problem = build_problem(q, k, v)
+    plan = _forward_plan(problem, Config(16, 128, 8, 3), capabilities(q.device).sm_count, False)
+    out = torch.empty(plan.out_shape, dtype=torch.float32, device="cuda")
+    lse = torch.empty(plan.lse_shape, dtype=torch.float32, device="cuda")
+    none = torch.empty(0, dtype=torch.int32, device="cuda")
+    args = (q, k, v, out, lse, none, none, None, None, *_strides(q, "bhsd"), *_strides(k, "bhsd"),
+            *_strides(v, "bhsd"), *plan.out_strides, *plan.lse_strides, problem.seqlen_q, problem.seqlen_k,
+            problem.heads_kv, problem.group_size, plan.keys_per_split, problem.scale, 1.0, problem.window_left,
+            problem.window_right)
+    constants = dict(plan.constants)
+    options = dict(num_warps=constants.pop("num_warps"), num_stages=constants.pop("num_stages"))
+    compiled = kernels.attention_forward[plan.grid](*args, TMA=False, **constants, **options)
+    names = [p.name for p in kernels.attention_forward.params if p.is_constexpr]
+    full = args + tuple(dict(TMA=False, **constants)[n] for n in names)
+
+    def per_call(fn, n=2000, burst=10):
+        torch.cuda.synchronize()
+        total = 0.0
+        for _ in range(n // burst):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(burst):
+                fn()
+            total += time.perf_counter() - started
+        torch.cuda.synchronize()
+        return total / n * 1e6
+
+    jit = per_call(lambda: kernels.attention_forward[plan.grid](*args, TMA=False, **constants, **options))
+    direct = per_call(lambda: compiled[plan.grid](*full))
+    empty = per_call(lambda: torch.empty(plan.out_shape, dtype=torch.float32, device="cuda"))
+    backend = TritonBackend()
+    backend.forward(q, k, v, problem)  # tunes
+    attention(q, k, v, backend="triton")
+    forward = per_call(lambda: backend.forward(q, k, v, problem))
+    call = per_call(lambda: attention(q, k, v, backend="triton"))
+    print(f"launch: decode split kernel through kernel[grid](...) {jit:.1f} us host, direct compiled[grid](...) "
+          f"{direct:.1f} us; torch.empty {empty:.1f} us; backend.forward {forward:.1f} us; whole attention() call "
+          f"{call:.1f} us", flush=True)
+    for hide in (False, True):
+        from flashdispatch.timing import median_time
+        gpu = median_time(lambda: backend.forward(q, k, v, problem), "cuda", hide_host=hide)
+        print(f"launch: backend.forward GPU time {gpu * 1e6:.1f} us (hide_host={hide})", flush=True)
+    flush = torch.empty(2**26, dtype=torch.int32, device="cuda")
+    print(f"launch: the L2 flush itself {median_time(flush.zero_, 'cuda', flush_l2=False) * 1e6:.1f} us", flush=True)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(2000):
+        attention(q, k, v, backend="triton")
+    profiler.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(30)
+    return 0
+
+
+def flush() -> int:
+    import statistics
+
+    from flashdispatch.backends.sdpa.cudnn import CudnnBackend
+    from flashdispatch.backends.sdpa.flash import FlashBackend
+    from flashdispatch.backends.triton import TritonBackend
+    from flashdispatch.dispatcher.problem import build_problem
+    from flashdispatch.timing import L2_FLUSH_BYTES, median_time
+
+    buffer = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+
+    def write_flushed(fn, repeats=20):
+        """median_time as it was: the flush overwrites the buffer, leaving the L2 dirty."""
+        for _ in range(3):
+            fn()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        torch.cuda.synchronize()
+        for start, end in events:
+            buffer.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
+
+    src = torch.randn(2**28, device="cuda")
+    dst = torch.empty_like(src)
+    for name, timer in (("write", write_flushed), ("read", lambda fn: median_time(fn, "cuda"))):
+        print(f"flush: copy ceiling, {name} flush: {2 * src.numel() * 4 / timer(lambda: dst.copy_(src)) / 1e9:.0f} GB/s",
+              flush=True)
+    del src, dst
+    for b, nk in ((8, 8192), (32, 8192), (8, 65536)):
+        q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(b, 8, nk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        problem = build_problem(q, k, v)
+        bytes_ = 2 * k.numel() * 2
+        for backend in (TritonBackend(), FlashBackend(), CudnnBackend()):
+            fn = lambda: backend.forward(q, k, v, problem)  # noqa: E731
+            fn()
+            times = dict(write=write_flushed(fn), read=median_time(fn, "cuda"),
+                         read_gpu_only=median_time(fn, "cuda", hide_host=True))
+            print(f"flush: B={b} Nk={nk} {backend.name:10s} " + ", ".join(
+                f"{k} {t * 1e6:.1f} us ({bytes_ / t / 1e9:.0f} GB/s)" for k, t in times.items()), flush=True)
+    return 0
+
+
 def varlen() -> int:
     from flashdispatch.backends.triton import TritonBackend
     from flashdispatch.dispatcher.problem import build_problem
@@ -231,7 +350,8 @@ def main() -> int:
     if args.part.startswith("candidates:"):
         index, count = (int(x) for x in args.part.split(":")[1].split("/"))
         return candidates_part(index, count)
-    return {"determinism": determinism, "varlen": varlen, "gluon": gluon, "gluon-speed": gluon_speed, "host": host}[args.part]()
+    return {"determinism": determinism, "varlen": varlen, "gluon": gluon, "gluon-speed": gluon_speed, "host": host,
+            "launch": launch, "flush": flush}[args.part]()
 
 
 if __name__ == "__main__":

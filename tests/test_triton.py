@@ -219,6 +219,19 @@ def test_tma_descriptor_loads_give_the_plain_loads_results(monkeypatch, layout):
     assert torch.equal(plain, through_tma)
 
 
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_decoding_through_tma_descriptors_gives_the_plain_loads_results(monkeypatch, layout):
+    monkeypatch.setattr(triton_backend, "DECODE_PROGRAMS_PER_SM", 64)  # split and merge on a one-core machine
+    gen = torch.Generator().manual_seed(11)
+    shape_q, shape_k = ((2, 8, 3, 64), (2, 2, 300, 64)) if layout == "bhsd" else ((2, 3, 8, 64), (2, 300, 2, 64))
+    q = torch.randn(shape_q, generator=gen, dtype=torch.float16)
+    k, v = (torch.randn(shape_k, generator=gen, dtype=torch.float16) for _ in range(2))
+    monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", "decode=16,64,4,1")
+    plain = attention(q, k, v, causal=True, layout=layout, backend="triton")
+    monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", "decode=16,64,4,1,tma")
+    assert torch.equal(plain, attention(q, k, v, causal=True, layout=layout, backend="triton"))
+
+
 def test_tma_is_not_used_where_strides_or_head_dims_do_not_allow_it():
     from flashdispatch.backends.triton import _descriptors
 
@@ -266,6 +279,23 @@ def test_gpu_tma_loads_give_the_plain_loads_results(monkeypatch, layout):
     plain = attention(q, k, v, causal=True, layout=layout, backend="triton")
     monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", "forward=128,64,8,3,tma")
     assert torch.equal(plain, attention(q, k, v, causal=True, layout=layout, backend="triton"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_gpu_decoding_through_tma_gives_the_plain_loads_results(monkeypatch, layout):
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("tensor descriptors need compute capability 9.0")
+    shape_q, shape_k = ((8, 32, 1, 128), (8, 8, 5000, 128))
+    if layout == "bshd":
+        shape_q, shape_k = (8, 1, 32, 128), (8, 5000, 8, 128)
+    q = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(shape_k, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", "decode=16,128,4,2")
+    plain = attention(q, k, v, layout=layout, backend="triton")
+    monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", "decode=16,128,4,2,tma")
+    assert torch.equal(plain, attention(q, k, v, layout=layout, backend="triton"))
 
 
 @pytest.mark.gpu

@@ -37,6 +37,7 @@ from ...dispatcher.capabilities import Capabilities, capabilities
 from ...dispatcher.problem import Problem
 from ..base import Backend, Support
 from .configs import TUNER, Config, candidates, hopper_reasons
+from .launcher import Launcher
 
 SUPPORT = Support(
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
@@ -116,9 +117,15 @@ def _descriptors(k, v, problem: Problem, config: Config):
     return descriptors
 
 
-def _runner(kernel, grid, compile_only: bool):
-    """kernel[grid]; with compile_only, the same call compiles the kernel without launching it."""
-    return functools.partial(kernel.warmup, grid=grid) if compile_only else kernel[grid]
+@functools.cache
+def _launcher(kernel) -> Launcher:
+    return Launcher(kernel)
+
+
+def _runner(kernel, grid, compile_only: bool = False):
+    """kernel[grid], launched directly once compiled (`launcher.py`); with compile_only, the same
+    call compiles the kernel without launching it."""
+    return functools.partial(kernel.warmup, grid=grid) if compile_only else functools.partial(_launcher(kernel), grid)
 
 
 def _kernel_args(config: Config, problem: Problem) -> dict:
@@ -303,7 +310,7 @@ class TritonBackend(Backend):
                     return result
             tma = None
             sm90 = interpreting or (caps.compute_capability or (0, 0)) >= (9, 0)
-            if config.tma and sm90 and not decoding:
+            if config.tma and sm90:
                 tma = _descriptors(k, v, problem, config)
             _runner(kernels.attention_forward, plan.grid, compile_only)(
                 q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
@@ -317,7 +324,7 @@ class TritonBackend(Backend):
                 return out, lse
             merged = torch.empty(plan.merged_shape, dtype=q.dtype, device=device)
             merged_lse = torch.empty(plan.merged_lse_shape, dtype=torch.float32, device=device)
-            kernels.merge_splits[plan.merge_grid](
+            _runner(kernels.merge_splits, plan.merge_grid)(
                 out, lse, merged, merged_lse, *plan.merge_strides, splits, problem.heads_q, problem.seqlen_q,
                 **plan.merge_constants,
             )
@@ -337,7 +344,7 @@ class TritonBackend(Backend):
         cu_k = cu_seqlens_k if problem.varlen else dummy
         lse = lse.contiguous()
         delta = torch.empty_like(lse)  # rowsum(dO * O), float32, in the LSE's layout
-        kernels.attention_backward_delta[(_cdiv(problem.seqlen_q, 64), problem.batch * problem.heads_q)](
+        _runner(kernels.attention_backward_delta, (_cdiv(problem.seqlen_q, 64), problem.batch * problem.heads_q))(
             out, dout, delta, cu_q, *_strides(out, layout), *_strides(dout, layout), *_lse_strides(problem),
             problem.seqlen_q, problem.heads_q, VARLEN=problem.varlen, BLOCK_M=64, HEAD_DIM_V=problem.head_dim_v,
             BLOCK_DV=_block(problem.head_dim_v), num_warps=4,

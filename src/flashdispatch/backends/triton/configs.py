@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import statistics
 import tempfile
 import time
 import types
@@ -39,12 +38,12 @@ import torch
 
 from ...dispatcher.capabilities import Capabilities
 from ...dispatcher.problem import Problem
+from ...timing import median_time
 
 log = logging.getLogger("flashdispatch")
 
 KERNELS = ("forward", "decode", "dkdv", "dq")
 TUNING_REPEATS = 5
-GPU_BUSY_CYCLES = 1_000_000  # about 0.5 ms at 2 GHz: longer than any launch path's host time
 
 
 @dataclass(frozen=True)
@@ -53,8 +52,8 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
-    # Forward only, sm90 and later: K and V through TMA tensor descriptors (plain loads where
-    # strides or head dims do not allow a descriptor).
+    # Forward and decode, sm90 and later: K and V through TMA tensor descriptors (plain loads
+    # where strides or head dims do not allow a descriptor).
     tma: bool = False
     # Forward only, sm90: the Gluon kernel of `hopper.py` (TMA, asynchronous wgmma, softmax under
     # the P V product) where it takes the problem; this config's plain kernel elsewhere.
@@ -84,7 +83,7 @@ CANDIDATES: dict[tuple[str, str, str], list[Config]] = {
     ("forward", "sm80", "128"): [_c(128, 64, 4, 2), _c(128, 32, 4, 3), _c(64, 64, 4, 3)],
     ("forward", "sm80", "256"): [_c(64, 64, 4, 2), _c(64, 32, 4, 2)],
     ("decode", "sm90", "64"): [_c(16, 128, 8, 3)],
-    ("decode", "sm90", "128"): [_c(16, 128, 8, 3)],
+    ("decode", "sm90", "128"): [Config(16, 128, 4, 2, tma=True), _c(16, 128, 8, 3)],
     ("decode", "sm90", "256"): [_c(16, 64, 4, 3)],
     ("decode", "sm80", "64"): [_c(16, 128, 4, 3)],
     ("decode", "sm80", "128"): [_c(16, 64, 4, 3)],
@@ -341,21 +340,11 @@ class Tuner:
 
     @staticmethod
     def _median_seconds(launch, config: Config) -> float:
-        """Median GPU seconds of a launch. Before each timed launch the GPU is kept busy for a
-        while (`torch.cuda._sleep`), so that the host's launch work happens under it and the
-        events measure the kernel alone: otherwise a candidate with a costlier launch path (the
-        Gluon kernel builds tensor descriptors) loses on short problems for its host time."""
-        times = []
-        for _ in range(TUNING_REPEATS):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            if hasattr(torch.cuda, "_sleep"):
-                torch.cuda._sleep(GPU_BUSY_CYCLES)
-            start.record()
-            launch(config)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
+        """Median GPU seconds of a launch, its host time hidden (`median_time(hide_host=True)`):
+        otherwise a candidate with a costlier launch path (the Gluon kernel builds tensor
+        descriptors) loses on short problems for its host time."""
+        return median_time(lambda: launch(config), "cuda", warmup=0, repeats=TUNING_REPEATS, flush_l2=False,
+                           hide_host=True)
 
 
 TUNER = Tuner()
