@@ -266,36 +266,25 @@ def test_gpu_backward_is_bit_identical_run_to_run():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
-def test_gpu_tma_loads_give_the_plain_loads_results(monkeypatch, layout):
+@pytest.mark.parametrize("kernel, config, batch, heads, seqlen_q, seqlen_k, causal", [
+    ("forward", "128,64,8,3", 2, (8, 2), 1000, 1100, True),
+    ("decode", "16,128,4,2", 8, (32, 8), 1, 5000, False),
+])
+def test_gpu_tma_loads_give_the_plain_loads_results(monkeypatch, layout, kernel, config, batch, heads, seqlen_q,
+                                                     seqlen_k, causal):
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("tensor descriptors need compute capability 9.0")
-    shape_q, shape_k = ((2, 8, 1000, 128), (2, 2, 1100, 128))
+    (hq, hkv), d = heads, 128
+    shape_q, shape_k = (batch, hq, seqlen_q, d), (batch, hkv, seqlen_k, d)
     if layout == "bshd":
-        shape_q, shape_k = (2, 1000, 8, 128), (2, 1100, 2, 128)
+        shape_q, shape_k = (batch, seqlen_q, hq, d), (batch, seqlen_k, hkv, d)
     q = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(shape_k, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", "forward=128,64,8,3")
-    plain = attention(q, k, v, causal=True, layout=layout, backend="triton")
-    monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", "forward=128,64,8,3,tma")
-    assert torch.equal(plain, attention(q, k, v, causal=True, layout=layout, backend="triton"))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
-def test_gpu_decoding_through_tma_gives_the_plain_loads_results(monkeypatch, layout):
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("tensor descriptors need compute capability 9.0")
-    shape_q, shape_k = ((8, 32, 1, 128), (8, 8, 5000, 128))
-    if layout == "bshd":
-        shape_q, shape_k = (8, 1, 32, 128), (8, 5000, 8, 128)
-    q = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(shape_k, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", "decode=16,128,4,2")
-    plain = attention(q, k, v, layout=layout, backend="triton")
-    monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", "decode=16,128,4,2,tma")
-    assert torch.equal(plain, attention(q, k, v, layout=layout, backend="triton"))
+    monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", f"{kernel}={config}")
+    plain = attention(q, k, v, causal=causal, layout=layout, backend="triton")
+    monkeypatch.setenv("FLASHDISPATCH_TRITON_CONFIG", f"{kernel}={config},tma")
+    assert torch.equal(plain, attention(q, k, v, causal=causal, layout=layout, backend="triton"))
 
 
 @pytest.mark.gpu
