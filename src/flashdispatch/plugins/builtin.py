@@ -1,5 +1,6 @@
 """The built-in plugin: registers flashdispatch's own backends, exactly as a third-party plugin would."""
 
+from ..backends.cuda import CudaBackend
 from ..backends.reference import ReferenceBackend
 from ..backends.sdpa import CudnnBackend, EfficientBackend, FlashBackend, MathBackend
 from ..backends.tiled import TiledBackend
@@ -10,4 +11,4 @@ from .hookspecs import hookimpl
 @hookimpl
 def flashdispatch_backends():
     return [ReferenceBackend(), TiledBackend(), TritonBackend(), FlashBackend(), CudnnBackend(), EfficientBackend(),
-            MathBackend()]
+            MathBackend(), CudaBackend()]

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ...cache import cache_dir, write_atomically
 from ...dispatcher.capabilities import Capabilities
 from ...dispatcher.problem import Problem
 from ...timing import median_time
@@ -194,10 +194,6 @@ class Choice:
     how: str  # "only candidate", "first candidate (autotuning off)", "tuned ...", "tuned on an earlier run ..."
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("FLASHDISPATCH_CACHE_DIR") or Path.home() / ".cache" / "flashdispatch")
-
-
 @functools.lru_cache(maxsize=1)
 def _kernels_fingerprint() -> str:
     """Triton's version and a hash of the kernels' source: a tuned choice is only valid for both."""
@@ -240,11 +236,7 @@ class TuningCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             data = self._load()
             data[key] = list(dataclasses.astuple(config))
-            # Write a temporary file and rename it over the old one, so that a reader in another
-            # process sees the old file or the new one, never half of one.
-            with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-                json.dump(data, f, indent=0, sort_keys=True)
-            os.replace(f.name, path)
+            write_atomically(path, json.dumps(data, indent=0, sort_keys=True))
         except OSError as exc:
             log.info("flashdispatch triton: could not save a tuned configuration to %s (%s)", path, exc)
 

@@ -1,0 +1,154 @@
+"""GPU checks of the `cuda` backend beyond the conformance tier:
+
+    --part exact      forward and decoding against a float64 reference on fresh random inputs
+                      (FlashAttention's rule: at most 2x the error of PyTorch's own math in the
+                      same dtype, plus a small floor)
+    --part speed      forward TFLOP/s (bf16, D = 128, N = 4k and 16k, causal or not) and decoding
+                      GB/s (Nq = 1, GQA 32/8, D = 128) against sdpa-flash, sdpa-cudnn and a copy
+    --part sanitize   one forward and one split decoding launch, then exit (run it under
+                      compute-sanitizer --tool memcheck / racecheck)
+
+    PYTHONPATH=src python3 scripts/check_cuda_gpu.py --part exact
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def reference(q, k, v, causal, scale):
+    """float64 attention, bottom-right causal, GQA by repetition, (B, H, N, D)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
+    s = q.double() @ k.transpose(-1, -2) * scale
+    if causal:
+        nq, nk = q.shape[2], k.shape[2]
+        visible = torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None] + nk - nq
+        s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    return p @ v, lse
+
+
+def low_precision_math(q, k, v, causal, scale):
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    s = (q @ k.transpose(-1, -2)).float() * scale
+    if causal:
+        nq, nk = q.shape[2], k.shape[2]
+        visible = torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None] + nk - nq
+        s = s.masked_fill(~visible, float("-inf"))
+    return (torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype) @ v)
+
+
+def exact() -> int:
+    from flashdispatch.backends.cuda import CudaBackend
+    from flashdispatch.dispatcher.problem import build_problem
+
+    backend = CudaBackend()
+    failures = checks = 0
+    cases = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for d in (64, 128):
+            cases += [(dtype, 2, 8, 2, 300, 300, d, True), (dtype, 2, 8, 8, 257, 513, d, False),
+                      (dtype, 1, 4, 1, 700, 200, d, True), (dtype, 3, 4, 4, 130, 1030, d, True),
+                      (dtype, 4, 32, 8, 1, 8192, d, False), (dtype, 2, 8, 2, 5, 3000, d, True),
+                      (dtype, 2, 16, 2, 16, 1000, d, False), (dtype, 1, 8, 8, 1, 77, d, False)]
+    for dtype, b, hq, hkv, nq, nk, d, causal in cases:
+        for layout in ("bhsd", "bshd"):
+            gen = torch.Generator(device="cuda").manual_seed(checks)
+            q = torch.randn(b, hq, nq, d, device="cuda", dtype=dtype, generator=gen)
+            k = torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype, generator=gen)
+            v = torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype, generator=gen)
+            args = (q, k, v) if layout == "bhsd" else tuple(t.transpose(1, 2).contiguous() for t in (q, k, v))
+            problem = build_problem(*args, causal=causal, layout=layout, return_lse=True)
+            reasons = backend.not_supported_reasons(problem, __import__("flashdispatch").capabilities())
+            if reasons:
+                print(f"exact: {dtype} {(b, hq, hkv, nq, nk, d)} causal={causal} refused: {reasons}")
+                failures += 1
+                continue
+            torch.cuda.synchronize()
+            out, lse = backend.forward(*args, problem)
+            if layout == "bshd":
+                out = out.transpose(1, 2)
+            ref, ref_lse = reference(q, k, v, causal, problem.scale)
+            err = (out.double() - ref).abs().max().item()
+            base = (low_precision_math(q, k, v, causal, problem.scale).double() - ref).abs().max().item()
+            lse_err = (lse.double() - ref_lse).abs().nan_to_num(0.0).max().item()
+            finite = torch.isfinite(out).all().item() and not torch.isnan(lse).any().item()
+            ok = finite and err <= 2 * base + 1e-3 and lse_err < 1e-3
+            checks += 1
+            failures += not ok
+            print(f"exact: {'ok  ' if ok else 'FAIL'} {str(dtype):15s} B={b} H={hq}/{hkv} N={nq}/{nk} D={d} "
+                  f"causal={causal} {layout}: err {err:.2e} (math {base:.2e}), lse err {lse_err:.1e}", flush=True)
+    print(f"exact: {checks} checks, {failures} failed", flush=True)
+    return 1 if failures else 0
+
+
+def speed() -> int:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flashdispatch.backends.cuda import CudaBackend
+    from flashdispatch.dispatcher.problem import build_problem
+    from flashdispatch.timing import median_time
+
+    backend = CudaBackend()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    src = torch.randn(2**28, device="cuda")
+    dst = torch.empty_like(src)
+    copy = 2 * src.numel() * 4 / median_time(lambda: dst.copy_(src), "cuda") / 1e9
+    del src, dst
+    print(f"speed: copy {copy:.0f} GB/s", flush=True)
+    for d in (64, 128):
+        for n in (1024, 4096, 16384):
+            for causal in (False, True):
+                b, h = 16384 // n, 2048 // d
+                q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                flops = 4 * b * h * n * n * d / (2 if causal else 1)
+                problem = build_problem(q, k, v, causal=causal)
+                rates = {"cuda": flops / median_time(lambda: backend.forward(q, k, v, problem), "cuda") / 1e12}
+                for name, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                    with sdpa_kernel(kind):
+                        rates[name] = flops / median_time(lambda: sdpa(q, k, v, is_causal=causal), "cuda") / 1e12
+                print(f"speed: D={d} N={n} causal={causal}: " + ", ".join(f"{k} {r:.0f}" for k, r in rates.items())
+                      + f" TFLOP/s; cuda/flash {rates['cuda'] / rates['flash']:.2f}", flush=True)
+    for b, nk in ((8, 8192), (32, 8192), (8, 65536)):
+        q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(b, 8, nk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        problem = build_problem(q, k, v)
+        size = 2 * k.numel() * 2
+        rates = {"cuda": size / median_time(lambda: backend.forward(q, k, v, problem), "cuda") / 1e9}
+        for name, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            with sdpa_kernel(kind):
+                rates[name] = size / median_time(lambda: sdpa(q, k, v, enable_gqa=True), "cuda") / 1e9
+        print(f"speed: decode B={b} Nk={nk}: " + ", ".join(f"{k} {r:.0f}" for k, r in rates.items())
+              + f" GB/s; cuda {rates['cuda'] / copy:.0%} of copy, {rates['cuda'] / rates['cudnn']:.2f}x cudnn", flush=True)
+    return 0
+
+
+def sanitize() -> int:
+    from flashdispatch.backends.cuda import CudaBackend
+    from flashdispatch.dispatcher.problem import build_problem
+
+    backend = CudaBackend()
+    q, k, v = (torch.randn(1, 4, 300, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    backend.forward(q, k, v, build_problem(q, k, v, causal=True))
+    q = torch.randn(2, 8, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 2000, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    backend.forward(q, k, v, build_problem(q, k, v))
+    torch.cuda.synchronize()
+    print("sanitize: one forward and one split decoding launch done", flush=True)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", required=True, choices=("exact", "speed", "sanitize"))
+    return {"exact": exact, "speed": speed, "sanitize": sanitize}[parser.parse_args().part]()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""`cuda`: hand-written CUDA C++ kernels, compiled at run time by NVRTC through CuPy.
+
+The kernels ship as `.cu` sources in `kernels/` and compile on first use for the GPU in the
+machine (sm_80 and later), one module per source file, dtype and head dim; `compiler.py` caches
+the binaries on disk. Two kernels do the work:
+
+- `forward.cu`: FlashAttention-2 on the tensor cores (mma.sync m16n8k16, ldmatrix, cp.async
+  double buffering), bottom-right causal with fully masked key blocks skipped, GQA by addressing;
+- `decode.cu`: split-KV decoding for at most 16 queries: the query heads of a GQA group share a
+  block, so each key is read once per group; the keys are split across blocks so that a small
+  batch fills every SM, and `merge_splits` combines the splits by LSE.
+
+Tensors stay PyTorch's: the kernels get their device pointers and strides (no copy, no DLPack
+round trip on the hot path) and launch on PyTorch's current stream; nothing synchronises the host.
+A tensor whose rows are not 16-byte aligned (a last-dim stride other than 1, say) is copied to a
+contiguous one first, since the kernels load rows in 16-byte pieces. Forward only: the LSE is the
+standard one, so the dispatcher pairs this forward with another backend's backward.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from ...dispatcher.capabilities import Capabilities, capabilities
+from ...dispatcher.problem import Problem
+from ..base import Backend, Support
+
+SUPPORT = Support(
+    dtypes=(torch.float16, torch.bfloat16),
+    devices=("cuda",),
+    min_compute_capability=(8, 0),
+    min_head_dim=64,
+    max_head_dim=128,
+    head_dim_multiple=64,
+    head_dim_v_must_equal=True,
+    causal=True,
+    gqa=True,
+    layouts=("bhsd", "bshd"),
+)
+
+KERNELS = Path(__file__).parent / "kernels"
+FORWARD_WARPS = 4  # 64 query rows per block, 16 per warp
+FORWARD_BLOCK_N = 64  # keys per shared-memory tile
+DECODE_MAX_QUERIES = 16
+DECODE_WARPS = 4  # 16 keys per warp: 64-key tiles
+DECODE_STAGES = 3
+DECODE_BLOCKS_PER_SM = 2  # resident decoding blocks per SM (shared memory: 100 KB each at D = 128)
+DECODE_MIN_KEYS_PER_SPLIT = 256
+LOG2E = math.log2(math.e)
+
+_TYPE_NAMES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+
+
+def _decoding(problem: Problem) -> bool:
+    return problem.seqlen_q <= DECODE_MAX_QUERIES
+
+
+def _bool(flag: bool) -> str:
+    return "true" if flag else "false"
+
+
+def forward_kernels(dtype: torch.dtype, head_dim: int) -> list[str]:
+    """The forward.cu instantiations one (dtype, head dim) module holds."""
+    t = _TYPE_NAMES[dtype]
+    return [f"fd::flash_forward<{t}, {head_dim}, {FORWARD_WARPS}, {FORWARD_BLOCK_N}, {_bool(c)}>" for c in (False, True)]
+
+
+def decode_kernels(dtype: torch.dtype, head_dim: int) -> list[str]:
+    """The decode.cu instantiations one (dtype, head dim) module holds."""
+    t = _TYPE_NAMES[dtype]
+    return ([f"fd::flash_decode<{t}, {head_dim}, {DECODE_WARPS}, {DECODE_STAGES}, {_bool(s)}>" for s in (False, True)]
+            + [f"fd::merge_splits<{t}, {head_dim}>"])
+
+
+def forward_shared_bytes(head_dim: int) -> int:
+    rows = 16 * FORWARD_WARPS + 4 * FORWARD_BLOCK_N  # Q, then two stages of K and of V
+    return rows * head_dim * 2
+
+
+def decode_shared_bytes(head_dim: int) -> int:
+    tiles = 16 * head_dim + 2 * DECODE_STAGES * 16 * DECODE_WARPS * head_dim  # Q, then the K and V rings
+    warp_states = DECODE_WARPS * 16 * (head_dim + 2) * 2  # float32 states, reusing the rings: must fit
+    return max(tiles, warp_states) * 2
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _rows_aligned(t: torch.Tensor) -> bool:
+    """Rows load in 16-byte pieces: unit last stride, 16-byte aligned start and row strides."""
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])
+
+
+def _bhsd_strides(t: torch.Tensor, layout: str) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a (B, H, N, D) or (B, N, H, D) tensor."""
+    b, x, y, _ = t.stride()
+    return (b, x, y) if layout == "bhsd" else (b, y, x)
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    support = SUPPORT
+    description = "hand-written CUDA C++ (NVRTC through CuPy): FlashAttention-2 forward and split-KV decoding"
+
+    def unavailable_reasons(self) -> list[str]:
+        try:
+            import cupy
+        except Exception as exc:  # noqa: BLE001 - any import failure is a reason, not a crash
+            return [f"CuPy does not import ({type(exc).__name__}: {exc}); install flashdispatch[cuda12] on a "
+                    f"CUDA 12 machine or flashdispatch[cuda13] on a CUDA 13 one"]
+        try:
+            if cupy.cuda.runtime.getDeviceCount() < 1:
+                return ["no CUDA device"]
+        except Exception as exc:  # noqa: BLE001
+            return [f"no CUDA device ({type(exc).__name__}: {exc})"]
+        return []
+
+    def extra_reasons(self, problem: Problem, caps: Capabilities) -> list[str]:
+        if problem.softcap or problem.has_window:
+            return []  # Support has refused them already
+        limit = caps.smem_per_block_optin
+        need = decode_shared_bytes(problem.head_dim) if _decoding(problem) else forward_shared_bytes(problem.head_dim)
+        if limit is not None and need > limit:
+            return [f"needs {need // 1024} KiB of shared memory per block, this GPU allows {limit // 1024} KiB"]
+        return []
+
+    def notes(self, problem: Problem, caps: Capabilities) -> list[str]:
+        from . import compiler
+
+        source, names = self._kernels(problem)
+        module = compiler.loaded(KERNELS / source, names, caps.compute_capability)
+        state = module.describe() if module is not None else "not compiled yet in this process: the first call compiles it (or loads it from the disk cache)"
+        backward = "no native backward: the dispatcher pairs this forward with the policy's backward, which takes its standard LSE"
+        return [f"{source}: {state}"] + ([backward] if problem.needs_grad else [])
+
+    @staticmethod
+    def _kernels(problem: Problem) -> tuple[str, list[str]]:
+        if _decoding(problem):
+            return "decode.cu", decode_kernels(problem.dtype, problem.head_dim)
+        return "forward.cu", forward_kernels(problem.dtype, problem.head_dim)
+
+    def forward(self, q, k, v, problem, cu_seqlens_q=None, cu_seqlens_k=None):
+        import cupy
+
+        from . import compiler
+
+        q, k, v = (t if _rows_aligned(t) else t.contiguous() for t in (q, k, v))
+        caps = capabilities(q.device)
+        source, names = self._kernels(problem)
+        module = compiler.load_module(KERNELS / source, names, caps.compute_capability)
+        layout = problem.layout
+        out = torch.empty(q.shape[:-1] + (problem.head_dim_v,), dtype=q.dtype, device=q.device)
+        lse = torch.empty(problem.batch, problem.heads_q, problem.seqlen_q, dtype=torch.float32, device=q.device)
+        strides = [cupy.int64(s) for t in (q, k, v, out) for s in _bhsd_strides(t, layout)]
+        pointers = [cupy.uint64(t.data_ptr()) for t in (q, k, v, out, lse)]
+        scale_log2 = cupy.float32(problem.scale * LOG2E)
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(q.device).cuda_stream, q.device.index)
+        with cupy.cuda.Device(q.device.index):
+            if _decoding(problem):
+                self._decode(module, names, problem, caps, pointers, strides, scale_log2, stream, q.device)
+            else:
+                kernel = module.function(names[int(problem.causal)])
+                shared = forward_shared_bytes(problem.head_dim)
+                _allow_shared(kernel, shared)
+                grid = (problem.batch * problem.heads_q, _cdiv(problem.seqlen_q, 16 * FORWARD_WARPS))
+                kernel(grid, (FORWARD_WARPS * 32,), (*pointers, *strides, cupy.int32(problem.seqlen_q),
+                                                    cupy.int32(problem.seqlen_k), cupy.int32(problem.heads_q),
+                                                    cupy.int32(problem.group_size), scale_log2),
+                       shared_mem=shared, stream=stream)
+        return out, lse
+
+    @staticmethod
+    def _decode(module, names, problem, caps, pointers, strides, scale_log2, stream, device):
+        import cupy
+
+        rows = problem.seqlen_q * problem.group_size  # packed (query head, query) rows per KV head
+        blocks = problem.batch * problem.heads_kv * _cdiv(rows, 16)
+        # One wave: as many splits as leave every resident block slot busy.
+        splits = max(1, min((caps.sm_count or 1) * DECODE_BLOCKS_PER_SM // blocks,
+                            problem.seqlen_k // DECODE_MIN_KEYS_PER_SPLIT))
+        tile = 16 * DECODE_WARPS
+        keys_per_split = _cdiv(_cdiv(problem.seqlen_k, splits), tile) * tile
+        splits = _cdiv(problem.seqlen_k, keys_per_split)
+        shared = decode_shared_bytes(problem.head_dim)
+        kernel = module.function(names[int(splits > 1)])
+        _allow_shared(kernel, shared)
+        total_rows = problem.batch * problem.heads_q * problem.seqlen_q
+        partial_out = partial_lse = None
+        extra = [cupy.uint64(0), cupy.uint64(0)]
+        if splits > 1:
+            partial_out = torch.empty(splits, total_rows, problem.head_dim_v, dtype=torch.float32, device=device)
+            partial_lse = torch.empty(splits, total_rows, dtype=torch.float32, device=device)
+            extra = [cupy.uint64(partial_out.data_ptr()), cupy.uint64(partial_lse.data_ptr())]
+        grid = (splits, problem.batch * problem.heads_kv, _cdiv(rows, 16))
+        kernel(grid, (DECODE_WARPS * 32,),
+               (*pointers, *extra, *strides, cupy.int32(problem.batch), cupy.int32(problem.seqlen_q),
+                cupy.int32(problem.seqlen_k), cupy.int32(problem.heads_kv), cupy.int32(problem.group_size),
+                cupy.int32(keys_per_split), cupy.bool_(problem.causal), scale_log2),
+               shared_mem=shared, stream=stream)
+        if splits > 1:
+            out_strides = strides[9:]
+            module.function(names[2])((total_rows,), (problem.head_dim_v,),
+                                      (extra[0], extra[1], pointers[3], pointers[4], *out_strides, cupy.int32(splits),
+                                       cupy.int32(problem.heads_q), cupy.int32(problem.seqlen_q),
+                                       cupy.int64(total_rows)),
+                                      stream=stream)
+        # The partial buffers are freed when this returns: PyTorch's allocator keeps their memory
+        # for later work on this stream only, so the merge above has read them by then.
+
+
+_opted_in: dict[int, int] = {}  # id(kernel) -> dynamic shared memory it may use (kernels live as long as their module)
+
+
+def _allow_shared(kernel, size: int) -> None:
+    """Dynamic shared memory above 48 KiB must be opted into, once per kernel."""
+    if size > 48 * 1024 and _opted_in.get(id(kernel), 0) < size:
+        kernel.max_dynamic_shared_size_bytes = size
+        _opted_in[id(kernel)] = size
