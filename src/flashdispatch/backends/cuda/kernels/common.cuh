@@ -9,7 +9,13 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#ifdef __CUDACC_RTC__  // NVRTC has no C library headers
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+#else
 #include <stdint.h>
+#endif
 
 namespace fd {
 
