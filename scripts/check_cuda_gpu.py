@@ -5,6 +5,8 @@
                       same dtype, plus a small floor)
     --part speed      forward TFLOP/s (bf16, D = 128, N = 4k and 16k, causal or not) and decoding
                       GB/s (Nq = 1, GQA 32/8, D = 128) against sdpa-flash, sdpa-cudnn and a copy
+    --part decode-sweep  decoding GB/s for warps, keys per warp, pipeline depths and resident blocks per SM
+    --part forward-sweep forward TFLOP/s for warps per block, 16-row tiles per warp and key-tile sizes
     --part sanitize   one forward and one split decoding launch, then exit (run it under
                       compute-sanitizer --tool memcheck / racecheck)
 
@@ -120,12 +122,71 @@ def speed() -> int:
         k, v = (torch.randn(b, 8, nk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         problem = build_problem(q, k, v)
         size = 2 * k.numel() * 2
-        rates = {"cuda": size / median_time(lambda: backend.forward(q, k, v, problem), "cuda") / 1e9}
+        rates = {"cuda": size / median_time(lambda: backend.forward(q, k, v, problem), "cuda") / 1e9,
+                 "cuda (host hidden)": size / median_time(lambda: backend.forward(q, k, v, problem), "cuda",
+                                                          hide_host=True) / 1e9}
         for name, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             with sdpa_kernel(kind):
                 rates[name] = size / median_time(lambda: sdpa(q, k, v, enable_gqa=True), "cuda") / 1e9
         print(f"speed: decode B={b} Nk={nk}: " + ", ".join(f"{k} {r:.0f}" for k, r in rates.items())
               + f" GB/s; cuda {rates['cuda'] / copy:.0%} of copy, {rates['cuda'] / rates['cudnn']:.2f}x cudnn", flush=True)
+    return 0
+
+
+def decode_sweep() -> int:
+    import importlib
+
+    from flashdispatch.dispatcher.problem import build_problem
+    from flashdispatch.timing import median_time
+
+    cuda_backend = importlib.import_module("flashdispatch.backends.cuda")  # flashdispatch.backends is also a function
+    backend = cuda_backend.CudaBackend()
+    src = torch.randn(2**28, device="cuda")
+    dst = torch.empty_like(src)
+    copy = 2 * src.numel() * 4 / median_time(lambda: dst.copy_(src), "cuda") / 1e9
+    del src, dst
+    shapes = []
+    for b, nk in ((8, 8192), (32, 8192), (8, 65536)):
+        q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(b, 8, nk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        shapes.append((b, nk, q, k, v, build_problem(q, k, v)))
+    for warps, warp_keys, stages, per_sm in ((4, 16, 3, 2), (8, 16, 2, 1), (8, 16, 3, 1), (4, 32, 2, 1), (4, 32, 3, 1),
+                                             (2, 32, 3, 2), (4, 16, 2, 2)):
+        cuda_backend.DECODE_WARPS, cuda_backend.DECODE_WARP_KEYS = warps, warp_keys
+        cuda_backend.DECODE_STAGES, cuda_backend.DECODE_BLOCKS_PER_SM = stages, per_sm
+        rates = []
+        for b, nk, q, k, v, problem in shapes:
+            seconds = median_time(lambda: backend.forward(q, k, v, problem), "cuda", hide_host=True)
+            rates.append(f"B={b} Nk={nk} {seconds * 1e6:.1f} us {2 * k.numel() * 2 / seconds / 1e9 / copy:.1%}")
+        print(f"decode-sweep: {warps} warps x {warp_keys} keys, {stages} stages, {per_sm} blocks/SM: " + "; ".join(rates),
+              flush=True)
+    return 0
+
+
+def forward_sweep() -> int:
+    import importlib
+
+    from flashdispatch.dispatcher.problem import build_problem
+    from flashdispatch.timing import median_time
+
+    cuda_backend = importlib.import_module("flashdispatch.backends.cuda")
+    backend = cuda_backend.CudaBackend()
+    shapes = []
+    for d, n, causal in ((128, 4096, False), (128, 4096, True), (128, 16384, False), (64, 4096, False)):
+        b, h = 16384 // n, 2048 // d
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        shapes.append((d, n, causal, q, k, v, build_problem(q, k, v, causal=causal),
+                       4 * b * h * n * n * d / (2 if causal else 1)))
+    for warps, m_tiles, block_n in ((4, 2, 64), (4, 2, 32), (8, 1, 64), (4, 1, 64), (8, 1, 32), (2, 2, 64)):
+        cuda_backend.FORWARD_WARPS, cuda_backend.FORWARD_M_TILES, cuda_backend.FORWARD_BLOCK_N = warps, m_tiles, block_n
+        rates = []
+        for d, n, causal, q, k, v, problem, flops in shapes:
+            try:
+                rate = flops / median_time(lambda: backend.forward(q, k, v, problem), "cuda") / 1e12
+                rates.append(f"D={d} N={n}{' causal' if causal else ''} {rate:.0f}")
+            except Exception as exc:  # noqa: BLE001 - a variant that does not fit is a result too
+                rates.append(f"D={d}: {type(exc).__name__}: {str(exc)[:80]}")
+        print(f"forward-sweep: {warps} warps x {m_tiles} row tiles, {block_n} keys: " + "; ".join(rates), flush=True)
     return 0
 
 
@@ -146,8 +207,10 @@ def sanitize() -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", required=True, choices=("exact", "speed", "sanitize"))
-    return {"exact": exact, "speed": speed, "sanitize": sanitize}[parser.parse_args().part]()
+    parser.add_argument("--part", required=True, choices=("exact", "speed", "decode-sweep", "forward-sweep", "sanitize"))
+    parts = {"exact": exact, "speed": speed, "decode-sweep": decode_sweep, "forward-sweep": forward_sweep,
+             "sanitize": sanitize}
+    return parts[parser.parse_args().part]()
 
 
 if __name__ == "__main__":

@@ -42,12 +42,19 @@ SUPPORT = Support(
 )
 
 KERNELS = Path(__file__).parent / "kernels"
-FORWARD_WARPS = 4  # 64 query rows per block, 16 per warp
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, where the kernels put batch x heads
+FORWARD_WARPS = 4
+FORWARD_M_TILES = 2  # 16-row tiles per warp: 128 query rows per block
 FORWARD_BLOCK_N = 64  # keys per shared-memory tile
 DECODE_MAX_QUERIES = 16
-DECODE_WARPS = 4  # 16 keys per warp: 64-key tiles
+# Decoding tiles: 8 warps x 16 keys, 3 stages (196 KiB of shared memory at D = 128, one block per
+# SM): 97-700 us on the H100 grid, 1-3% faster than 4 warps or 2 stages
+# (`check_cuda_gpu.py --part decode-sweep`, docs/data/cuda-decode-sweep-h100-2026-11-25.log).
+DECODE_WARPS = 8
+DECODE_WARP_KEYS = 16  # keys per warp in each shared-memory tile: 128-key tiles
 DECODE_STAGES = 3
-DECODE_BLOCKS_PER_SM = 2  # resident decoding blocks per SM (shared memory: 100 KB each at D = 128)
+DECODE_BLOCKS_PER_SM = 1  # resident decoding blocks per SM
+DECODE_WAVES = 1  # key splits fill this many waves of resident blocks
 DECODE_MIN_KEYS_PER_SPLIT = 256
 LOG2E = math.log2(math.e)
 
@@ -65,25 +72,31 @@ def _bool(flag: bool) -> str:
 def forward_kernels(dtype: torch.dtype, head_dim: int) -> list[str]:
     """The forward.cu instantiations one (dtype, head dim) module holds."""
     t = _TYPE_NAMES[dtype]
-    return [f"fd::flash_forward<{t}, {head_dim}, {FORWARD_WARPS}, {FORWARD_BLOCK_N}, {_bool(c)}>" for c in (False, True)]
+    return [f"fd::flash_forward<{t}, {head_dim}, {FORWARD_WARPS}, {FORWARD_M_TILES}, {FORWARD_BLOCK_N}, {_bool(c)}>"
+            for c in (False, True)]
 
 
 def decode_kernels(dtype: torch.dtype, head_dim: int) -> list[str]:
     """The decode.cu instantiations one (dtype, head dim) module holds."""
     t = _TYPE_NAMES[dtype]
-    return ([f"fd::flash_decode<{t}, {head_dim}, {DECODE_WARPS}, {DECODE_STAGES}, {_bool(s)}>" for s in (False, True)]
+    return ([f"fd::flash_decode<{t}, {head_dim}, {DECODE_WARPS}, {DECODE_WARP_KEYS}, {DECODE_STAGES}, {_bool(s)}>"
+             for s in (False, True)]
             + [f"fd::merge_splits<{t}, {head_dim}>"])
 
 
 def forward_shared_bytes(head_dim: int) -> int:
-    rows = 16 * FORWARD_WARPS + 4 * FORWARD_BLOCK_N  # Q, then two stages of K and of V
+    rows = _forward_block_m() + 4 * FORWARD_BLOCK_N  # Q, then two stages of K and of V
     return rows * head_dim * 2
 
 
 def decode_shared_bytes(head_dim: int) -> int:
-    tiles = 16 * head_dim + 2 * DECODE_STAGES * 16 * DECODE_WARPS * head_dim  # Q, then the K and V rings
-    warp_states = DECODE_WARPS * 16 * (head_dim + 2) * 2  # float32 states, reusing the rings: must fit
-    return max(tiles, warp_states) * 2
+    rings = 2 * DECODE_STAGES * DECODE_WARP_KEYS * DECODE_WARPS * head_dim * 2  # K and V, 16-bit
+    warp_states = DECODE_WARPS * 16 * (head_dim + 2) * 4  # float32, in the rings' memory once they are done
+    return 16 * head_dim * 2 + max(rings, warp_states)  # after Q
+
+
+def _forward_block_m() -> int:
+    return 16 * FORWARD_M_TILES * FORWARD_WARPS
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -122,6 +135,9 @@ class CudaBackend(Backend):
     def extra_reasons(self, problem: Problem, caps: Capabilities) -> list[str]:
         if problem.softcap or problem.has_window:
             return []  # Support has refused them already
+        heads = problem.batch * (problem.heads_kv if _decoding(problem) else problem.heads_q)
+        if heads > MAX_GRID_Y:
+            return [f"batch x heads = {heads}: at most {MAX_GRID_Y} (the kernels' second grid axis)"]
         limit = caps.smem_per_block_optin
         need = decode_shared_bytes(problem.head_dim) if _decoding(problem) else forward_shared_bytes(problem.head_dim)
         if limit is not None and need > limit:
@@ -158,7 +174,7 @@ class CudaBackend(Backend):
         strides = [cupy.int64(s) for t in (q, k, v, out) for s in _bhsd_strides(t, layout)]
         pointers = [cupy.uint64(t.data_ptr()) for t in (q, k, v, out, lse)]
         scale_log2 = cupy.float32(problem.scale * LOG2E)
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(q.device).cuda_stream, q.device.index)
+        stream = _cupy_stream(torch.cuda.current_stream(q.device).cuda_stream, q.device.index)
         with cupy.cuda.Device(q.device.index):
             if _decoding(problem):
                 self._decode(module, names, problem, caps, pointers, strides, scale_log2, stream, q.device)
@@ -166,7 +182,7 @@ class CudaBackend(Backend):
                 kernel = module.function(names[int(problem.causal)])
                 shared = forward_shared_bytes(problem.head_dim)
                 _allow_shared(kernel, shared)
-                grid = (problem.batch * problem.heads_q, _cdiv(problem.seqlen_q, 16 * FORWARD_WARPS))
+                grid = (_cdiv(problem.seqlen_q, _forward_block_m()), problem.batch * problem.heads_q)
                 kernel(grid, (FORWARD_WARPS * 32,), (*pointers, *strides, cupy.int32(problem.seqlen_q),
                                                     cupy.int32(problem.seqlen_k), cupy.int32(problem.heads_q),
                                                     cupy.int32(problem.group_size), scale_log2),
@@ -179,10 +195,10 @@ class CudaBackend(Backend):
 
         rows = problem.seqlen_q * problem.group_size  # packed (query head, query) rows per KV head
         blocks = problem.batch * problem.heads_kv * _cdiv(rows, 16)
-        # One wave: as many splits as leave every resident block slot busy.
-        splits = max(1, min((caps.sm_count or 1) * DECODE_BLOCKS_PER_SM // blocks,
+        # As many splits as fill DECODE_WAVES waves of resident blocks.
+        splits = max(1, min((caps.sm_count or 1) * DECODE_BLOCKS_PER_SM * DECODE_WAVES // blocks,
                             problem.seqlen_k // DECODE_MIN_KEYS_PER_SPLIT))
-        tile = 16 * DECODE_WARPS
+        tile = DECODE_WARP_KEYS * DECODE_WARPS
         keys_per_split = _cdiv(_cdiv(problem.seqlen_k, splits), tile) * tile
         splits = _cdiv(problem.seqlen_k, keys_per_split)
         shared = decode_shared_bytes(problem.head_dim)
@@ -210,6 +226,23 @@ class CudaBackend(Backend):
                                       stream=stream)
         # The partial buffers are freed when this returns: PyTorch's allocator keeps their memory
         # for later work on this stream only, so the merge above has read them by then.
+
+
+_streams: dict[tuple[int, int], object] = {}  # (PyTorch stream handle, device) -> the CuPy view of it
+
+
+def _cupy_stream(handle: int, device_index: int):
+    """CuPy's handle on one of PyTorch's streams, made once per stream."""
+    stream = _streams.get((handle, device_index))
+    if stream is None:
+        import warnings
+
+        import cupy
+
+        with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream for Stream.from_external,
+            warnings.simplefilter("ignore", DeprecationWarning)  # which CuPy 13 does not have
+            stream = _streams[(handle, device_index)] = cupy.cuda.ExternalStream(handle, device_index)
+    return stream
 
 
 _opted_in: dict[int, int] = {}  # id(kernel) -> dynamic shared memory it may use (kernels live as long as their module)

@@ -23,6 +23,13 @@ constexpr float LN2 = 0.6931471805599453f;
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
+// 2^x by the special-function unit (about 2 ulp; 2^-inf = 0), as FlashAttention's softmax uses it.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // The mma instruction's operand type name for each 16-bit element type.
 template <typename T> struct MmaType;
 template <> struct MmaType<__half> { static constexpr bool bf16 = false; };

@@ -4,8 +4,8 @@
 // (query i, query head h of the group: row = (h - first head) * Nq + i) of one (batch, KV head)
 // and reads each key once for all of them. The keys are split across blocks (grid.x) so that a
 // small batch still fills every SM; inside a block the warps split each shared-memory tile of
-// keys (16 keys per warp), each warp keeping its own online softmax, and the warps' states are
-// merged through shared memory at the end. K and V tiles stream through a STAGES-deep cp.async
+// keys (WARP_KEYS keys per warp), each warp keeping its own online softmax, and the warps' states
+// are merged through shared memory at the end. K and V tiles stream through a STAGES-deep cp.async
 // ring. With several splits each block writes its normalised partial output and LSE (float32),
 // and `merge_splits` combines them by LSE; with one split the block writes the result directly.
 //
@@ -14,7 +14,7 @@
 
 namespace fd {
 
-template <typename T, int D, int WARPS, int STAGES, bool SPLIT>
+template <typename T, int D, int WARPS, int WARP_KEYS, int STAGES, bool SPLIT>
 __global__ void __launch_bounds__(WARPS * 32)
 flash_decode(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
              float* __restrict__ lse, float* __restrict__ partial_out, float* __restrict__ partial_lse,
@@ -24,7 +24,7 @@ flash_decode(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
              int64_t o_batch, int64_t o_head, int64_t o_row,
              int batch_size, int seqlen_q, int seqlen_k, int heads_kv, int group, int keys_per_split,
              bool causal, float scale_log2) {
-    constexpr int BLOCK_N = 16 * WARPS;  // keys per tile, 16 per warp
+    constexpr int BLOCK_N = WARP_KEYS * WARPS;  // keys per tile
     constexpr int THREADS = WARPS * 32;
     constexpr int TILE = BLOCK_N * D;
     extern __shared__ __align__(128) unsigned char shared[];
@@ -67,16 +67,15 @@ flash_decode(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
     }
 
     // This thread's two rows: the last key each may see (split end, causal limit).
-    int row_limit[2];
+    int row_limit[1][2];
     for (int i = 0; i < 2; ++i) {
         const int packed = first_packed + lane / 4 + 8 * i;
         const int query = packed % seqlen_q;
-        row_limit[i] = key_end - 1;
-        if (causal) row_limit[i] = min(row_limit[i], query + seqlen_k - seqlen_q);
+        row_limit[0][i] = key_end - 1;
+        if (causal) row_limit[0][i] = min(row_limit[0][i], query + seqlen_k - seqlen_q);
     }
-    float o[D / 8][4] = {};
-    float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.f, 0.f};
-    uint32_t q_frag[D / 16][4];
+    float o[1][D / 8][4] = {};
+    float row_max[1][2] = {{neg_inf(), neg_inf()}}, row_sum[1][2] = {{0.f, 0.f}};
 
     for (int t = 0; t < tiles; ++t) {
         // Refill the stage read in iteration t - 1 (which ended with a barrier) with tile
@@ -92,14 +91,13 @@ flash_decode(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
         commit_async();
         wait_async<STAGES - 1>();
         __syncthreads();
-        if (t == 0) load_q_fragments<D>(q_frag, q_tile, 0);
 
         const int stage = t % STAGES;
-        const int first_key = key_begin + t * BLOCK_N + warp * 16;  // this warp's 16 keys
-        float s[2][4];
-        scores<T, D, 16>(s, q_frag, k_tiles + stage * TILE, warp * 16);
-        softmax_step<16, D, true>(s, o, row_max, row_sum, scale_log2, first_key, row_limit);
-        accumulate_pv<T, 16, D>(o, s, v_tiles + stage * TILE, warp * 16);
+        const int first_key = key_begin + t * BLOCK_N + warp * WARP_KEYS;  // this warp's keys
+        float s[1][WARP_KEYS / 8][4];
+        scores<T, D, WARP_KEYS, 1>(s, q_tile, 0, k_tiles + stage * TILE, warp * WARP_KEYS);
+        softmax_step<WARP_KEYS, D, 1, true>(s, o, row_max, row_sum, scale_log2, first_key, row_limit);
+        accumulate_pv<T, WARP_KEYS, D, 1>(o, s, v_tiles + stage * TILE, warp * WARP_KEYS);
         __syncthreads();
     }
     wait_async<0>();
@@ -111,16 +109,16 @@ flash_decode(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
     float* warp_sum = warp_max + WARPS * 16;               // (WARPS, 16)
     for (int i = 0; i < 2; ++i) {
         const int r = lane / 4 + 8 * i;
-        const float total = quad_sum(row_sum[i]);
+        const float total = quad_sum(row_sum[0][i]);
         if (lane % 4 == 0) {
-            warp_max[warp * 16 + r] = row_max[i];
+            warp_max[warp * 16 + r] = row_max[0][i];
             warp_sum[warp * 16 + r] = total;
         }
 #pragma unroll
         for (int nt = 0; nt < D / 8; ++nt) {
             const int col = nt * 8 + 2 * (lane % 4);
-            warp_out[(warp * 16 + r) * D + col] = o[nt][2 * i];
-            warp_out[(warp * 16 + r) * D + col + 1] = o[nt][2 * i + 1];
+            warp_out[(warp * 16 + r) * D + col] = o[0][nt][2 * i];
+            warp_out[(warp * 16 + r) * D + col + 1] = o[0][nt][2 * i + 1];
         }
     }
     __syncthreads();
@@ -133,7 +131,7 @@ flash_decode(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
         const float shift = top == neg_inf() ? 0.f : top;
         float total = 0.f, acc = 0.f;
         for (int w = 0; w < WARPS; ++w) {
-            const float weight = exp2f(warp_max[w * 16 + r] - shift);
+            const float weight = fast_exp2(warp_max[w * 16 + r] - shift);
             total += weight * warp_sum[w * 16 + r];
             acc += weight * warp_out[(w * 16 + r) * D + col];
         }

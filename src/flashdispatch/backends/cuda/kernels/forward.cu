@@ -1,20 +1,22 @@
 // FlashAttention-2 forward on the tensor cores (mma.sync m16n8k16, ldmatrix, cp.async double
 // buffering), for sm_80 and later.
 //
-// One thread block: BLOCK_M = 16 * WARPS query rows of one (batch, query head); each warp owns 16
-// rows and walks the key blocks (BLOCK_N keys) in shared memory, keeping Q in registers, S and P
-// in registers, and its output rows in float32 registers. K and V tiles of the next block load
-// (cp.async) while this block is computed. Causal attention aligns bottom-right (query i sees keys
+// One thread block: BLOCK_M = 16 * M_TILES * WARPS query rows of one (batch, query head); each warp
+// owns 16 * M_TILES rows and walks the key blocks (BLOCK_N keys) in shared memory, with S, P and
+// its output rows in registers (float32); every K and V fragment it reads from shared memory feeds
+// its M_TILES row tiles. K and V tiles of the next block load (cp.async) while this block is
+// computed. Causal attention aligns bottom-right (query i sees keys
 // j <= i + Nk - Nq): key blocks past a row block's last visible key are never loaded, and only the
 // blocks that straddle the diagonal or the end of the keys pay for masking.
 //
-// Grid: (batch * query heads, query blocks). Writes out (B, Hq, Nq, D) through its strides and
+// Grid: (query blocks, batch * query heads): the blocks of one head run side by side, so its K and
+// V stream from memory once and are re-read from L2 by the other blocks. Writes out (B, Hq, Nq, D) through its strides and
 // lse (B, Hq, Nq) float32 contiguous, natural log; a row with no visible key gets 0 and -inf.
 #include "warp_attention.cuh"
 
 namespace fd {
 
-template <typename T, int D, int WARPS, int BLOCK_N, bool CAUSAL>
+template <typename T, int D, int WARPS, int M_TILES, int BLOCK_N, bool CAUSAL>
 __global__ void __launch_bounds__(WARPS * 32)
 flash_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
               float* __restrict__ lse,
@@ -23,17 +25,17 @@ flash_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
               int64_t v_batch, int64_t v_head, int64_t v_row,
               int64_t o_batch, int64_t o_head, int64_t o_row,
               int seqlen_q, int seqlen_k, int heads_q, int group, float scale_log2) {
-    constexpr int BLOCK_M = 16 * WARPS;
+    constexpr int BLOCK_M = 16 * M_TILES * WARPS;
     constexpr int THREADS = WARPS * 32;
     extern __shared__ __align__(128) unsigned char shared[];
     T* q_tile = reinterpret_cast<T*>(shared);          // (BLOCK_M, D)
     T* k_tiles = q_tile + BLOCK_M * D;                  // 2 x (BLOCK_N, D)
     T* v_tiles = k_tiles + 2 * BLOCK_N * D;             // 2 x (BLOCK_N, D)
 
-    const int batch = blockIdx.x / heads_q, head = blockIdx.x % heads_q, head_kv = head / group;
+    const int batch = blockIdx.y / heads_q, head = blockIdx.y % heads_q, head_kv = head / group;
     // Query blocks in reverse: under a causal mask the last ones see the most keys, and starting
     // the longest blocks first leaves the short ones to fill the tail of the grid.
-    const int m_block = CAUSAL ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
+    const int m_block = CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const int first_row = m_block * BLOCK_M;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
@@ -60,12 +62,16 @@ flash_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
     }
     commit_async();
 
-    const int my_row = first_row + warp * 16 + lane / 4;  // rows my_row and my_row + 8
-    int row_limit[2];
-    for (int i = 0; i < 2; ++i) row_limit[i] = CAUSAL ? min(my_row + 8 * i + offset, key_end - 1) : key_end - 1;
-    float o[D / 8][4] = {};
-    float row_max[2] = {neg_inf(), neg_inf()}, row_sum[2] = {0.f, 0.f};
-    uint32_t q_frag[D / 16][4];
+    const int warp_row = warp * 16 * M_TILES;  // this warp's first row in the block
+    int row_limit[M_TILES][2];
+    for (int m = 0; m < M_TILES; ++m)
+        for (int i = 0; i < 2; ++i) {
+            const int row = first_row + warp_row + 16 * m + lane / 4 + 8 * i;
+            row_limit[m][i] = CAUSAL ? min(row + offset, key_end - 1) : key_end - 1;
+        }
+    float o[M_TILES][D / 8][4] = {};
+    float row_max[M_TILES][2], row_sum[M_TILES][2];
+    for (int m = 0; m < M_TILES; ++m) row_max[m][0] = row_max[m][1] = neg_inf(), row_sum[m][0] = row_sum[m][1] = 0.f;
 
     for (int j = 0; j < blocks; ++j) {
         const int stage = j % 2;
@@ -82,40 +88,42 @@ flash_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
         commit_async();
         wait_async<2>();
         __syncthreads();
-        if (j == 0) load_q_fragments<D>(q_frag, q_tile, warp * 16);
 
-        float s[BLOCK_N / 8][4];
-        scores<T, D, BLOCK_N>(s, q_frag, k_tile, 0);
+        float s[M_TILES][BLOCK_N / 8][4];
+        scores<T, D, BLOCK_N, M_TILES>(s, q_tile, warp_row, k_tile, 0);
         if (next) {
             load_tile_async<T, BLOCK_N, D, THREADS>(v_tiles + (1 - stage) * BLOCK_N * D, v + (first_key + BLOCK_N) * v_row,
                                                     v_row, key_end - first_key - BLOCK_N);
         }
         commit_async();
         if (j < unmasked_blocks) {
-            softmax_step<BLOCK_N, D, false>(s, o, row_max, row_sum, scale_log2, first_key, row_limit);
+            softmax_step<BLOCK_N, D, M_TILES, false>(s, o, row_max, row_sum, scale_log2, first_key, row_limit);
         } else {
-            softmax_step<BLOCK_N, D, true>(s, o, row_max, row_sum, scale_log2, first_key, row_limit);
+            softmax_step<BLOCK_N, D, M_TILES, true>(s, o, row_max, row_sum, scale_log2, first_key, row_limit);
         }
         wait_async<2>();  // this block's V (pending: the next K and V)
         __syncthreads();
-        accumulate_pv<T, BLOCK_N, D>(o, s, v_tile, 0);
+        accumulate_pv<T, BLOCK_N, D, M_TILES>(o, s, v_tile, 0);
         __syncthreads();  // every warp is done with this stage before it is refilled
     }
 
-    // Normalise and write this thread's two rows.
-    for (int i = 0; i < 2; ++i) {
-        const int row = my_row + 8 * i;
-        const float total = quad_sum(row_sum[i]);
-        if (row >= seqlen_q) continue;
-        const float inverse = total > 0.f ? 1.f / total : 0.f;
-        T* dst = out + batch * o_batch + head * o_head + row * o_row + 2 * (lane % 4);
+    // Normalise and write this thread's rows.
+    for (int m = 0; m < M_TILES; ++m) {
+        for (int i = 0; i < 2; ++i) {
+            const int row = first_row + warp_row + 16 * m + lane / 4 + 8 * i;
+            const float total = quad_sum(row_sum[m][i]);
+            if (row >= seqlen_q) continue;
+            const float inverse = total > 0.f ? 1.f / total : 0.f;
+            T* dst = out + batch * o_batch + head * o_head + row * o_row + 2 * (lane % 4);
 #pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt) {
-            *reinterpret_cast<uint32_t*>(dst + nt * 8) = pack2<T>(o[nt][2 * i] * inverse, o[nt][2 * i + 1] * inverse);
-        }
-        if (lane % 4 == 0) {
-            lse[(static_cast<int64_t>(batch) * heads_q + head) * seqlen_q + row] =
-                total > 0.f ? (row_max[i] + log2f(total)) * LN2 : neg_inf();
+            for (int nt = 0; nt < D / 8; ++nt) {
+                *reinterpret_cast<uint32_t*>(dst + nt * 8) =
+                    pack2<T>(o[m][nt][2 * i] * inverse, o[m][nt][2 * i + 1] * inverse);
+            }
+            if (lane % 4 == 0) {
+                lse[(static_cast<int64_t>(batch) * heads_q + head) * seqlen_q + row] =
+                    total > 0.f ? (row_max[m][i] + log2f(total)) * LN2 : neg_inf();
+            }
         }
     }
 }

@@ -1,117 +1,143 @@
-// One warp's share of FlashAttention-2's inner loop: 16 query rows against a slice of a key tile
-// in shared memory. Scores S = Q K^T and the product P V run on the tensor cores (mma m16n8k16);
-// the online softmax keeps, per row, the running max (log2 domain, scale folded in) and sum.
-// Each thread holds rows g = lane / 4 and g + 8 of the warp's 16 (index 0 and 1 below).
+// One warp's share of FlashAttention-2's inner loop: M_TILES x 16 query rows against a slice of a
+// key tile in shared memory. Scores S = Q K^T and the product P V run on the tensor cores (mma
+// m16n8k16); each K or V fragment read from shared memory feeds all M_TILES row tiles, so more
+// rows per warp means fewer shared-memory reads per product. The online softmax keeps, per row,
+// the running max (log2 domain, scale folded in) and sum. In each 16-row tile a thread holds rows
+// g = lane / 4 and g + 8 (index 0 and 1 of the [2] arrays below).
 #pragma once
 
 #include "common.cuh"
 
 namespace fd {
 
-// Q's A fragments for all of D, read once from a swizzled (rows x D) shared tile: q[k-step][4].
-template <int D>
-__device__ __forceinline__ void load_q_fragments(uint32_t q[D / 16][4], const void* tile, int first_row) {
-    using Tile = SwizzledTile<D>;
-    const int lane = threadIdx.x % 32;
-    const int row = first_row + lane % 16;
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-        const int chunk = ks * 2 + lane / 16;
-        ldmatrix_x4(q[ks], smem_address(static_cast<const uint16_t*>(tile) + Tile::offset(row, chunk)));
-    }
-}
-
-// s[n-tile][4] = Q K^T for the KEYS keys from `first_key` of a swizzled (keys x D) K tile.
-template <typename T, int D, int KEYS>
-__device__ __forceinline__ void scores(float s[KEYS / 8][4], const uint32_t q[D / 16][4], const T* k_tile,
+// s[m][n-tile][4] = Q K^T: Q rows first_row + 16 m .. of a swizzled (rows x D) tile, against the
+// KEYS keys from `first_key` of a swizzled (keys x D) K tile.
+template <typename T, int D, int KEYS, int M_TILES>
+__device__ __forceinline__ void scores(float s[M_TILES][KEYS / 8][4], const T* q_tile, int first_row, const T* k_tile,
                                        int first_key) {
     using Tile = SwizzledTile<D>;
     const int lane = threadIdx.x % 32;
 #pragma unroll
-    for (int nt = 0; nt < KEYS / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    for (int m = 0; m < M_TILES; ++m)
+#pragma unroll
+        for (int nt = 0; nt < KEYS / 8; ++nt) s[m][nt][0] = s[m][nt][1] = s[m][nt][2] = s[m][nt][3] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
+        // A fragments: rows +0..7 and +8..15 at dims +0..7, then at dims +8..15.
+        uint32_t a[M_TILES][4];
 #pragma unroll
-        for (int nt = 0; nt < KEYS / 8; nt += 2) {
-            // Matrices: keys +0..7 at dims +0..7 and +8..15, then keys +8..15 likewise.
-            const int key = first_key + nt * 8 + lane % 8 + (lane / 16) * 8;
-            const int chunk = ks * 2 + (lane / 8) % 2;
-            uint32_t b[4];
-            ldmatrix_x4(b, smem_address(k_tile + Tile::offset(key, chunk)));
-            mma16816<T>(s[nt], q[ks], b);
-            mma16816<T>(s[nt + 1], q[ks], b + 2);
+        for (int m = 0; m < M_TILES; ++m) {
+            const int row = first_row + 16 * m + lane % 16;
+            ldmatrix_x4(a[m], smem_address(q_tile + Tile::offset(row, ks * 2 + lane / 16)));
+        }
+        // B fragments S_GROUP pairs of key tiles at a time, then their products: the loads'
+        // latencies overlap instead of each product waiting for its own load.
+        // B fragments: keys +0..7 at dims +0..7 and +8..15, then keys +8..15 likewise.
+        constexpr int S_GROUP = KEYS / 16 < 2 ? KEYS / 16 : 2;
+#pragma unroll
+        for (int nt0 = 0; nt0 < KEYS / 8; nt0 += 2 * S_GROUP) {
+            uint32_t b[S_GROUP][4];
+#pragma unroll
+            for (int g = 0; g < S_GROUP; ++g) {
+                const int key = first_key + (nt0 + 2 * g) * 8 + lane % 8 + (lane / 16) * 8;
+                ldmatrix_x4(b[g], smem_address(k_tile + Tile::offset(key, ks * 2 + (lane / 8) % 2)));
+            }
+#pragma unroll
+            for (int g = 0; g < S_GROUP; ++g) {
+#pragma unroll
+                for (int m = 0; m < M_TILES; ++m) {
+                    mma16816<T>(s[m][nt0 + 2 * g], a[m], b[g]);
+                    mma16816<T>(s[m][nt0 + 2 * g + 1], a[m], b[g] + 2);
+                }
+            }
         }
     }
 }
 
-// Fold a block of raw scores into the running softmax: masks (key index >= key_end, or past the
-// causal limit of the row, when MASKED), scales into the log2 domain, turns s into P in place,
-// rescales the output accumulator o. Keys of this slice start at `first_key` (global index).
-// row_limit[i]: the last key row i may see (causal; key_end - 1 otherwise).
-template <int KEYS, int DV, bool MASKED>
-__device__ __forceinline__ void softmax_step(float s[KEYS / 8][4], float o[DV / 8][4], float row_max[2],
-                                             float row_sum[2], float scale_log2, int first_key,
-                                             const int row_limit[2]) {
+// Fold a block of raw scores into the running softmax: masks (when MASKED) keys past the row's
+// limit row_limit[m][i] (causal limit or the end of the keys), scales into the log2 domain, turns
+// s into P in place and rescales the output accumulator o. The slice's keys start at `first_key`.
+template <int KEYS, int DV, int M_TILES, bool MASKED>
+__device__ __forceinline__ void softmax_step(float s[M_TILES][KEYS / 8][4], float o[M_TILES][DV / 8][4],
+                                             float row_max[M_TILES][2], float row_sum[M_TILES][2], float scale_log2,
+                                             int first_key, const int row_limit[M_TILES][2]) {
     const int lane = threadIdx.x % 32;
-    float block_max[2] = {neg_inf(), neg_inf()};
 #pragma unroll
-    for (int nt = 0; nt < KEYS / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            float x = s[nt][e] * scale_log2;
-            if (MASKED) {
-                const int key = first_key + nt * 8 + 2 * (lane % 4) + (e % 2);
-                if (key > row_limit[e / 2]) x = neg_inf();
-            }
-            s[nt][e] = x;
-            block_max[e / 2] = fmaxf(block_max[e / 2], x);
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const float new_max = fmaxf(row_max[i], quad_max(block_max[i]));
-        // A row with no visible key yet keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
-        const float shift = new_max == neg_inf() ? 0.f : new_max;
-        const float rescale = exp2f(row_max[i] - shift);
-        row_max[i] = new_max;
-        row_sum[i] *= rescale;
-#pragma unroll
-        for (int nt = 0; nt < DV / 8; ++nt) {
-            o[nt][2 * i] *= rescale;
-            o[nt][2 * i + 1] *= rescale;
-        }
-        float sum = 0.f;
+    for (int m = 0; m < M_TILES; ++m) {
+        float block_max[2] = {neg_inf(), neg_inf()};
 #pragma unroll
         for (int nt = 0; nt < KEYS / 8; ++nt) {
-            s[nt][2 * i] = exp2f(s[nt][2 * i] - shift);
-            s[nt][2 * i + 1] = exp2f(s[nt][2 * i + 1] - shift);
-            sum += s[nt][2 * i] + s[nt][2 * i + 1];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x = s[m][nt][e] * scale_log2;
+                if (MASKED) {
+                    const int key = first_key + nt * 8 + 2 * (lane % 4) + (e % 2);
+                    if (key > row_limit[m][e / 2]) x = neg_inf();
+                }
+                s[m][nt][e] = x;
+                block_max[e / 2] = fmaxf(block_max[e / 2], x);
+            }
         }
-        row_sum[i] += sum;  // this thread's columns; summed over the quad at the end
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const float new_max = fmaxf(row_max[m][i], quad_max(block_max[i]));
+            // A row with no visible key yet keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
+            const float shift = new_max == neg_inf() ? 0.f : new_max;
+            const float rescale = fast_exp2(row_max[m][i] - shift);
+            row_max[m][i] = new_max;
+            row_sum[m][i] *= rescale;
+#pragma unroll
+            for (int nt = 0; nt < DV / 8; ++nt) {
+                o[m][nt][2 * i] *= rescale;
+                o[m][nt][2 * i + 1] *= rescale;
+            }
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < KEYS / 8; ++nt) {
+                s[m][nt][2 * i] = fast_exp2(s[m][nt][2 * i] - shift);
+                s[m][nt][2 * i + 1] = fast_exp2(s[m][nt][2 * i + 1] - shift);
+                sum += s[m][nt][2 * i] + s[m][nt][2 * i + 1];
+            }
+            row_sum[m][i] += sum;  // this thread's columns; summed over the quad at the end
+        }
     }
 }
 
 // o += P V for the KEYS keys from `first_key` of a swizzled (keys x DV) V tile; P is the softmax
 // step's s, whose C fragments of two adjacent n-tiles form one A fragment.
-template <typename T, int KEYS, int DV>
-__device__ __forceinline__ void accumulate_pv(float o[DV / 8][4], const float p[KEYS / 8][4], const T* v_tile,
-                                              int first_key) {
+template <typename T, int KEYS, int DV, int M_TILES>
+__device__ __forceinline__ void accumulate_pv(float o[M_TILES][DV / 8][4], const float p[M_TILES][KEYS / 8][4],
+                                              const T* v_tile, int first_key) {
     using Tile = SwizzledTile<DV>;
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int ks = 0; ks < KEYS / 16; ++ks) {
-        const uint32_t a[4] = {pack2<T>(p[2 * ks][0], p[2 * ks][1]), pack2<T>(p[2 * ks][2], p[2 * ks][3]),
-                               pack2<T>(p[2 * ks + 1][0], p[2 * ks + 1][1]),
-                               pack2<T>(p[2 * ks + 1][2], p[2 * ks + 1][3])};
+        uint32_t a[M_TILES][4];
 #pragma unroll
-        for (int nt = 0; nt < DV / 8; nt += 2) {
-            // Matrices (transposed): keys +0..7 and +8..15 at dims +0..7, then at dims +8..15.
-            const int key = first_key + ks * 16 + lane % 8 + ((lane / 8) % 2) * 8;
-            const int chunk = nt + lane / 16;
-            uint32_t b[4];
-            ldmatrix_x4_trans(b, smem_address(v_tile + Tile::offset(key, chunk)));
-            mma16816<T>(o[nt], a, b);
-            mma16816<T>(o[nt + 1], a, b + 2);
+        for (int m = 0; m < M_TILES; ++m) {
+            a[m][0] = pack2<T>(p[m][2 * ks][0], p[m][2 * ks][1]);
+            a[m][1] = pack2<T>(p[m][2 * ks][2], p[m][2 * ks][3]);
+            a[m][2] = pack2<T>(p[m][2 * ks + 1][0], p[m][2 * ks + 1][1]);
+            a[m][3] = pack2<T>(p[m][2 * ks + 1][2], p[m][2 * ks + 1][3]);
+        }
+        // B fragments (transposed): keys +0..7 and +8..15 at dims +0..7, then at dims +8..15;
+        // loaded PV_GROUP pairs of output tiles at a time, then used, as in `scores`.
+        constexpr int PV_GROUP = 2;
+        const int key = first_key + ks * 16 + lane % 8 + ((lane / 8) % 2) * 8;
+#pragma unroll
+        for (int nt0 = 0; nt0 < DV / 8; nt0 += 2 * PV_GROUP) {
+            uint32_t b[PV_GROUP][4];
+#pragma unroll
+            for (int g = 0; g < PV_GROUP; ++g)
+                ldmatrix_x4_trans(b[g], smem_address(v_tile + Tile::offset(key, nt0 + 2 * g + lane / 16)));
+#pragma unroll
+            for (int g = 0; g < PV_GROUP; ++g) {
+#pragma unroll
+                for (int m = 0; m < M_TILES; ++m) {
+                    mma16816<T>(o[m][nt0 + 2 * g], a[m], b[g]);
+                    mma16816<T>(o[m][nt0 + 2 * g + 1], a[m], b[g] + 2);
+                }
+            }
         }
     }
 }
