@@ -7,6 +7,7 @@
                       GB/s (Nq = 1, GQA 32/8, D = 128) against sdpa-flash, sdpa-cudnn and a copy
     --part decode-sweep  decoding GB/s for warps, keys per warp, pipeline depths and resident blocks per SM
     --part forward-sweep forward TFLOP/s for warps per block, 16-row tiles per warp and key-tile sizes
+    --part profile    two forward launches (D = 128, N = 4k, bf16), to run under Nsight Compute
     --part sanitize   one forward and one split decoding launch, then exit (run it under
                       compute-sanitizer --tool memcheck / racecheck)
 
@@ -44,6 +45,21 @@ def low_precision_math(q, k, v, causal, scale):
         visible = torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None] + nk - nq
         s = s.masked_fill(~visible, float("-inf"))
     return (torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype) @ v)
+
+
+def host_time(call, calls: int = 1000, burst: int = 10) -> float:
+    """Seconds of host time per call, in bursts after a synchronize (the launch queue never fills)."""
+    import time
+
+    total = 0.0
+    for _ in range(calls // burst):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(burst):
+            call()
+        total += time.perf_counter() - started
+    torch.cuda.synchronize()
+    return total / calls
 
 
 def exact() -> int:
@@ -130,6 +146,12 @@ def speed() -> int:
                 rates[name] = size / median_time(lambda: sdpa(q, k, v, enable_gqa=True), "cuda") / 1e9
         print(f"speed: decode B={b} Nk={nk}: " + ", ".join(f"{k} {r:.0f}" for k, r in rates.items())
               + f" GB/s; cuda {rates['cuda'] / copy:.0%} of copy, {rates['cuda'] / rates['cudnn']:.2f}x cudnn", flush=True)
+        if b == 8 and nk == 8192:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                hosts = {"cuda": host_time(lambda: backend.forward(q, k, v, problem)),
+                         "sdpa-flash": host_time(lambda: sdpa(q, k, v, enable_gqa=True))}
+            print("speed: host time per decoding call (B=8, 8k keys): "
+                  + ", ".join(f"{name} {t * 1e6:.1f} us" for name, t in hosts.items()), flush=True)
     return 0
 
 
@@ -190,6 +212,17 @@ def forward_sweep() -> int:
     return 0
 
 
+def profile() -> int:
+    from flashdispatch.backends.cuda import CudaBackend
+    from flashdispatch.dispatcher.problem import build_problem
+
+    q, k, v = (torch.randn(4, 16, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for _ in range(2):
+        CudaBackend().forward(q, k, v, build_problem(q, k, v))
+    torch.cuda.synchronize()
+    return 0
+
+
 def sanitize() -> int:
     from flashdispatch.backends.cuda import CudaBackend
     from flashdispatch.dispatcher.problem import build_problem
@@ -207,9 +240,9 @@ def sanitize() -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", required=True, choices=("exact", "speed", "decode-sweep", "forward-sweep", "sanitize"))
+    parser.add_argument("--part", required=True, choices=("exact", "speed", "decode-sweep", "forward-sweep", "profile", "sanitize"))
     parts = {"exact": exact, "speed": speed, "decode-sweep": decode_sweep, "forward-sweep": forward_sweep,
-             "sanitize": sanitize}
+             "profile": profile, "sanitize": sanitize}
     return parts[parser.parse_args().part]()
 
 

@@ -42,7 +42,7 @@ SUPPORT = Support(
 )
 
 KERNELS = Path(__file__).parent / "kernels"
-MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, where the kernels put batch x heads
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
 FORWARD_WARPS = 4
 FORWARD_M_TILES = 2  # 16-row tiles per warp: 128 query rows per block
 FORWARD_BLOCK_N = 64  # keys per shared-memory tile
@@ -135,9 +135,12 @@ class CudaBackend(Backend):
     def extra_reasons(self, problem: Problem, caps: Capabilities) -> list[str]:
         if problem.softcap or problem.has_window:
             return []  # Support has refused them already
-        heads = problem.batch * (problem.heads_kv if _decoding(problem) else problem.heads_q)
-        if heads > MAX_GRID_Y:
-            return [f"batch x heads = {heads}: at most {MAX_GRID_Y} (the kernels' second grid axis)"]
+        if _decoding(problem) and problem.batch * problem.heads_kv > MAX_GRID_Y:
+            return [f"batch x KV heads = {problem.batch * problem.heads_kv}: at most {MAX_GRID_Y} (the decoding "
+                    f"kernel's second grid axis)"]
+        if not _decoding(problem) and _cdiv(problem.seqlen_q, _forward_block_m()) > MAX_GRID_Y:
+            return [f"seqlen_q = {problem.seqlen_q}: at most {MAX_GRID_Y * _forward_block_m()} (query blocks on the "
+                    f"forward kernel's second grid axis)"]
         limit = caps.smem_per_block_optin
         need = decode_shared_bytes(problem.head_dim) if _decoding(problem) else forward_shared_bytes(problem.head_dim)
         if limit is not None and need > limit:
@@ -182,7 +185,7 @@ class CudaBackend(Backend):
                 kernel = module.function(names[int(problem.causal)])
                 shared = forward_shared_bytes(problem.head_dim)
                 _allow_shared(kernel, shared)
-                grid = (_cdiv(problem.seqlen_q, _forward_block_m()), problem.batch * problem.heads_q)
+                grid = (problem.batch * problem.heads_q, _cdiv(problem.seqlen_q, _forward_block_m()))
                 kernel(grid, (FORWARD_WARPS * 32,), (*pointers, *strides, cupy.int32(problem.seqlen_q),
                                                     cupy.int32(problem.seqlen_k), cupy.int32(problem.heads_q),
                                                     cupy.int32(problem.group_size), scale_log2),
