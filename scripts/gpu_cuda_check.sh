@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for the `cuda` backend: exactness against float64, the full conformance tier,
-# compute-sanitizer (memcheck and racecheck) over one forward and one split decoding launch, then
-# the speed side by side with sdpa-flash, sdpa-cudnn and a copy. Logs to $OUT.
+# the GPU-marked tests, compute-sanitizer (memcheck and racecheck) over one forward and one split
+# decoding launch, then the speed side by side with sdpa-flash, sdpa-cudnn and a copy, and the
+# host time of a decoding call. Logs to $OUT.
 source "$(dirname "$0")/gpu_common.sh"
 start=$(date +%s)
 export FLASHDISPATCH_CACHE_DIR=$(mktemp -d)
@@ -10,6 +11,8 @@ timeout 150 python3 scripts/check_cuda_gpu.py --part exact 2>&1 | tee "$out/cuda
 timeout 200 python3 -m flashdispatch verify --backend cuda --tier full --device cuda 2>&1 | grep -v "^\[W" > "$out/cuda_verify_full.log"
 echo "full tier: $(tail -n 3 "$out/cuda_verify_full.log" | tr '\n' ' ')"
 grep "^FAILED" -A3 "$out/cuda_verify_full.log" | head -20
+timeout 120 python3 -m pytest -q -m gpu tests/test_cuda_backend.py > "$out/cuda_pytest_gpu.log" 2>&1
+echo "GPU-marked tests: $(tail -n 1 "$out/cuda_pytest_gpu.log")"
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
 if [ -n "$sanitizer" ]; then
   for tool in memcheck racecheck; do
@@ -20,5 +23,5 @@ if [ -n "$sanitizer" ]; then
 else
   echo "compute-sanitizer: not found"
 fi
-timeout 200 python3 scripts/check_cuda_gpu.py --part speed 2>&1 | grep -v "^\[W" | tee "$out/cuda_speed.log"
+timeout 200 python3 scripts/check_cuda_gpu.py --part speed 2>&1 | grep "^speed" | tee "$out/cuda_speed.log"
 echo "total: $(( $(date +%s) - start )) s"
