@@ -20,6 +20,7 @@ import argparse
 import sys
 
 import torch
+from gpu_grid import prefill_cases
 
 
 def reference(q, k, v, causal, scale):
@@ -45,21 +46,6 @@ def low_precision_math(q, k, v, causal, scale):
         visible = torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None] + nk - nq
         s = s.masked_fill(~visible, float("-inf"))
     return (torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype) @ v)
-
-
-def host_time(call, calls: int = 1000, burst: int = 10) -> float:
-    """Seconds of host time per call, in bursts after a synchronize (the launch queue never fills)."""
-    import time
-
-    total = 0.0
-    for _ in range(calls // burst):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(burst):
-            call()
-        total += time.perf_counter() - started
-    torch.cuda.synchronize()
-    return total / calls
 
 
 def exact() -> int:
@@ -111,7 +97,7 @@ def speed() -> int:
 
     from flashdispatch.backends.cuda import CudaBackend
     from flashdispatch.dispatcher.problem import build_problem
-    from flashdispatch.timing import median_time
+    from flashdispatch.timing import host_seconds, median_time
 
     backend = CudaBackend()
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -120,19 +106,14 @@ def speed() -> int:
     copy = 2 * src.numel() * 4 / median_time(lambda: dst.copy_(src), "cuda") / 1e9
     del src, dst
     print(f"speed: copy {copy:.0f} GB/s", flush=True)
-    for d in (64, 128):
-        for n in (1024, 4096, 16384):
-            for causal in (False, True):
-                b, h = 16384 // n, 2048 // d
-                q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-                flops = 4 * b * h * n * n * d / (2 if causal else 1)
-                problem = build_problem(q, k, v, causal=causal)
-                rates = {"cuda": flops / median_time(lambda: backend.forward(q, k, v, problem), "cuda") / 1e12}
-                for name, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-                    with sdpa_kernel(kind):
-                        rates[name] = flops / median_time(lambda: sdpa(q, k, v, is_causal=causal), "cuda") / 1e12
-                print(f"speed: D={d} N={n} causal={causal}: " + ", ".join(f"{k} {r:.0f}" for k, r in rates.items())
-                      + f" TFLOP/s; cuda/flash {rates['cuda'] / rates['flash']:.2f}", flush=True)
+    for d, n, causal, q, k, v, flops in prefill_cases():
+        problem = build_problem(q, k, v, causal=causal)
+        rates = {"cuda": flops / median_time(lambda: backend.forward(q, k, v, problem), "cuda") / 1e12}
+        for name, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            with sdpa_kernel(kind):
+                rates[name] = flops / median_time(lambda: sdpa(q, k, v, is_causal=causal), "cuda") / 1e12
+        print(f"speed: D={d} N={n} causal={causal}: " + ", ".join(f"{k} {r:.0f}" for k, r in rates.items())
+              + f" TFLOP/s; cuda/flash {rates['cuda'] / rates['flash']:.2f}", flush=True)
     for b, nk in ((8, 8192), (32, 8192), (8, 65536)):
         q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(b, 8, nk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -148,8 +129,8 @@ def speed() -> int:
               + f" GB/s; cuda {rates['cuda'] / copy:.0%} of copy, {rates['cuda'] / rates['cudnn']:.2f}x cudnn", flush=True)
         if b == 8 and nk == 8192:
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                hosts = {"cuda": host_time(lambda: backend.forward(q, k, v, problem)),
-                         "sdpa-flash": host_time(lambda: sdpa(q, k, v, enable_gqa=True))}
+                hosts = {"cuda": host_seconds(lambda: backend.forward(q, k, v, problem)),
+                         "sdpa-flash": host_seconds(lambda: sdpa(q, k, v, enable_gqa=True))}
             print("speed: host time per decoding call (B=8, 8k keys): "
                   + ", ".join(f"{name} {t * 1e6:.1f} us" for name, t in hosts.items()), flush=True)
     return 0

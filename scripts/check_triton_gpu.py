@@ -31,6 +31,7 @@ import os
 import sys
 
 import torch
+from gpu_grid import prefill_cases
 
 
 def candidates_part(index: int, count: int) -> int:
@@ -155,23 +156,18 @@ def gluon_speed() -> int:
 
     backend = TritonBackend()
     variants = {"gluon": "forward=128,128,8,2,gluon", "plain": "forward=128,128,8,3", "tma": "forward=128,128,8,2,tma"}
-    for d in (64, 128):
-        for n in (1024, 4096, 16384):
-            for causal in (False, True):
-                b, h = 16384 // n, 2048 // d
-                q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-                flops = 4 * b * h * n * n * d / (2 if causal else 1)
-                problem = build_problem(q, k, v, causal=causal)
-                rates = {}
-                for name, forced in variants.items():
-                    os.environ["FLASHDISPATCH_TRITON_CONFIG"] = forced
-                    rates[name] = flops / median_time(lambda: backend.forward(q, k, v, problem), "cuda") / 1e12
-                for name, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-                    with sdpa_kernel(kind):
-                        rates[name] = flops / median_time(lambda: sdpa(q, k, v, is_causal=causal), "cuda") / 1e12
-                print(f"D={d} N={n} causal={causal}: " + ", ".join(f"{k} {r:.0f}" for k, r in rates.items())
-                      + f" TFLOP/s; gluon/cudnn {rates['gluon'] / rates['cudnn']:.2f}, gluon/flash "
-                      f"{rates['gluon'] / rates['flash']:.2f}", flush=True)
+    for d, n, causal, q, k, v, flops in prefill_cases():
+        problem = build_problem(q, k, v, causal=causal)
+        rates = {}
+        for name, forced in variants.items():
+            os.environ["FLASHDISPATCH_TRITON_CONFIG"] = forced
+            rates[name] = flops / median_time(lambda: backend.forward(q, k, v, problem), "cuda") / 1e12
+        for name, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            with sdpa_kernel(kind):
+                rates[name] = flops / median_time(lambda: sdpa(q, k, v, is_causal=causal), "cuda") / 1e12
+        print(f"D={d} N={n} causal={causal}: " + ", ".join(f"{k} {r:.0f}" for k, r in rates.items())
+              + f" TFLOP/s; gluon/cudnn {rates['gluon'] / rates['cudnn']:.2f}, gluon/flash "
+              f"{rates['gluon'] / rates['flash']:.2f}", flush=True)
     os.environ.pop("FLASHDISPATCH_TRITON_CONFIG")
     return 0
 
@@ -202,13 +198,13 @@ def host() -> int:
 def launch() -> int:
     import cProfile
     import pstats
-    import time
 
     from flashdispatch import attention
     from flashdispatch.backends.triton import TritonBackend, _forward_plan, _strides, kernels
     from flashdispatch.backends.triton.configs import Config
     from flashdispatch.dispatcher.capabilities import capabilities
     from flashdispatch.dispatcher.problem import build_problem
+    from flashdispatch.timing import host_seconds
 
     q = torch.randn(8, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(8, 8, 8192, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -227,17 +223,8 @@ def launch() -> int:
     names = [p.name for p in kernels.attention_forward.params if p.is_constexpr]
     full = args + tuple(dict(TMA=False, **constants)[n] for n in names)
 
-    def per_call(fn, n=2000, burst=10):
-        torch.cuda.synchronize()
-        total = 0.0
-        for _ in range(n // burst):
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            for _ in range(burst):
-                fn()
-            total += time.perf_counter() - started
-        torch.cuda.synchronize()
-        return total / n * 1e6
+    def per_call(fn):
+        return host_seconds(fn, calls=2000) * 1e6
 
     jit = per_call(lambda: kernels.attention_forward[plan.grid](*args, TMA=False, **constants, **options))
     direct = per_call(lambda: compiled[plan.grid](*full))

@@ -206,10 +206,7 @@ def cubin_that_does_not_load(cubin: Path):
                                     cubin_that_does_not_load], ids=lambda f: f.__name__)
 def test_a_damaged_cache_entry_is_compiled_again(kernels, fake, caplog, damage):
     caplog.set_level(logging.INFO, logger="flashdispatch")
-    assert compiler.loaded(kernels / "forward.cu", NAMES, (9, 0)) is None  # looks up, compiles nothing
-    assert not fake.compiles
     first = compiler.load_module(kernels / "forward.cu", NAMES, (9, 0))
-    assert compiler.loaded(kernels / "forward.cu", list(reversed(NAMES)), (9, 0)) is first
     damage(first.cubin)
     compiler._modules.clear()
     again = compiler.load_module(kernels / "forward.cu", NAMES, (9, 0))

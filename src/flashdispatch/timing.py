@@ -53,3 +53,17 @@ def median_time(fn, device, warmup: int = 3, repeats: int = 20, flush_l2: bool =
         end.record()
     torch.cuda.synchronize(device)
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
+
+
+def host_seconds(fn, calls: int = 1000, burst: int = 10) -> float:
+    """Host seconds per call of `fn()` on a GPU: bursts of `burst` calls, each after a synchronize,
+    so that the launch queue never fills and the host's own time is measured, not the GPU's."""
+    total = 0.0
+    for _ in range(calls // burst):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(burst):
+            fn()
+        total += time.perf_counter() - start
+    torch.cuda.synchronize()
+    return total / (calls // burst * burst)
