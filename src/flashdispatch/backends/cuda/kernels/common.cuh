@@ -106,16 +106,23 @@ struct SwizzledTile {
 };
 
 // Copy rows [0, ROWS) x COLS of a row-major global tile (row stride `stride`, unit column stride)
-// into a swizzled shared tile, asynchronously; rows at or past `valid_rows` become zeros.
+// into a swizzled shared tile, asynchronously; rows at or past `valid_rows` become zeros. Each
+// thread copies one 16-byte column chunk of every PASS_ROWS-th row: its chunk, and (PASS_ROWS
+// being a multiple of 8) its swizzle, stay the same on every pass, so a pass costs a compare, two
+// address increments and the copy.
 template <typename T, int ROWS, int COLS, int THREADS>
 __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t stride, int valid_rows) {
     using Tile = SwizzledTile<COLS>;
+    constexpr int PASS_ROWS = THREADS / Tile::CHUNKS;
+    static_assert(THREADS % Tile::CHUNKS == 0 && PASS_ROWS % 8 == 0 && ROWS % PASS_ROWS == 0,
+                  "every thread copies the same chunk of rows PASS_ROWS apart");
+    const int chunk = threadIdx.x % Tile::CHUNKS, first = threadIdx.x / Tile::CHUNKS;
+    const uint32_t dst = smem_address(smem + Tile::offset(first, chunk));
+    const T* src = gmem + first * stride + chunk * 8;
 #pragma unroll
-    for (int i = threadIdx.x; i < ROWS * Tile::CHUNKS; i += THREADS) {
-        const int row = i / Tile::CHUNKS, chunk = i % Tile::CHUNKS;
-        const bool valid = row < valid_rows;
-        const T* src = gmem + (valid ? row * stride : 0) + chunk * 8;
-        copy16_async(smem_address(smem + Tile::offset(row, chunk)), src, valid);
+    for (int pass = 0; pass < ROWS / PASS_ROWS; ++pass) {
+        const bool valid = first + pass * PASS_ROWS < valid_rows;
+        copy16_async(dst + pass * PASS_ROWS * COLS * sizeof(T), valid ? src + pass * PASS_ROWS * stride : gmem, valid);
     }
 }
 
