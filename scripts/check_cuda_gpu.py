@@ -180,7 +180,7 @@ def forward_sweep() -> int:
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         shapes.append((d, n, causal, q, k, v, build_problem(q, k, v, causal=causal),
                        4 * b * h * n * n * d / (2 if causal else 1)))
-    for warps, m_tiles, block_n in ((4, 2, 64), (4, 2, 32), (8, 1, 64), (4, 1, 64), (8, 1, 32), (2, 2, 64)):
+    for warps, m_tiles, block_n in ((4, 2, 64), (8, 2, 64), (4, 2, 32), (8, 1, 64), (4, 1, 64), (2, 2, 64)):
         cuda_backend.FORWARD_WARPS, cuda_backend.FORWARD_M_TILES, cuda_backend.FORWARD_BLOCK_N = warps, m_tiles, block_n
         rates = []
         for d, n, causal, q, k, v, problem, flops in shapes:
