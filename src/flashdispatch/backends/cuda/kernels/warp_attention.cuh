@@ -78,19 +78,28 @@ __device__ __forceinline__ void softmax_step(float s[M_TILES][KEYS / 8][4], floa
                 block_max[e / 2] = fmaxf(block_max[e / 2], x);
             }
         }
+        float rescale[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const float new_max = fmaxf(row_max[m][i], quad_max(block_max[i]));
             // A row with no visible key yet keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
             const float shift = new_max == neg_inf() ? 0.f : new_max;
-            const float rescale = fast_exp2(row_max[m][i] - shift);
+            rescale[i] = fast_exp2(row_max[m][i] - shift);
             row_max[m][i] = new_max;
-            row_sum[m][i] *= rescale;
+            row_sum[m][i] *= rescale[i];
+        }
+        // Once the running maxima settle, most blocks change no row's max: the warp then skips
+        // rescaling its output (a multiply by exactly 1 per element).
+        if (__any_sync(0xffffffff, rescale[0] != 1.f || rescale[1] != 1.f)) {
 #pragma unroll
             for (int nt = 0; nt < DV / 8; ++nt) {
-                o[m][nt][2 * i] *= rescale;
-                o[m][nt][2 * i + 1] *= rescale;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) o[m][nt][e] *= rescale[e / 2];
             }
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const float shift = row_max[m][i] == neg_inf() ? 0.f : row_max[m][i];
             float sum = 0.f;
 #pragma unroll
             for (int nt = 0; nt < KEYS / 8; ++nt) {
