@@ -114,6 +114,16 @@ def _bhsd_strides(t: torch.Tensor, layout: str) -> tuple[int, int, int]:
     return (b, x, y) if layout == "bhsd" else (b, y, x)
 
 
+def _positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
+    """The kernels keep each row's running max in raw-score units and apply the scale inside exp2,
+    which needs scale > 0. softmax(Q K^T s) = softmax((-Q) K^T |s|), and with s = 0 every score
+    is 0 x (Q K^T) = (0 Q) K^T: both rewrites are exact (negating or zeroing a float rounds
+    nothing), and cost an elementwise pass over Q only for these rare scales."""
+    if scale > 0:
+        return q, scale
+    return (-q, -scale) if scale < 0 else (q * 0.0, 1.0)
+
+
 class CudaBackend(Backend):
     name = "cuda"
     support = SUPPORT
@@ -168,6 +178,7 @@ class CudaBackend(Backend):
         from . import compiler
 
         q, k, v = (t if _rows_aligned(t) else t.contiguous() for t in (q, k, v))
+        q, scale = _positive_scale(q, problem.scale)
         caps = capabilities(q.device)
         source, names = self._kernels(problem)
         module = compiler.load_module(KERNELS / source, names, caps.compute_capability)
@@ -176,7 +187,7 @@ class CudaBackend(Backend):
         lse = torch.empty(problem.batch, problem.heads_q, problem.seqlen_q, dtype=torch.float32, device=q.device)
         strides = [cupy.int64(s) for t in (q, k, v, out) for s in _bhsd_strides(t, layout)]
         pointers = [cupy.uint64(t.data_ptr()) for t in (q, k, v, out, lse)]
-        scale_log2 = cupy.float32(problem.scale * LOG2E)
+        scale_log2 = cupy.float32(scale * LOG2E)
         stream = _cupy_stream(torch.cuda.current_stream(q.device).cuda_stream, q.device.index)
         with cupy.cuda.Device(q.device.index):
             if _decoding(problem):

@@ -87,6 +87,10 @@ __device__ __forceinline__ void copy16_async(uint32_t dst, const void* src, bool
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
 
+__device__ __forceinline__ void copy16_async(uint32_t dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+}
+
 __device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int N>
@@ -94,35 +98,55 @@ __device__ __forceinline__ void wait_async() { asm volatile("cp.async.wait_group
 
 // Shared-memory tiles of ROWS x COLS 16-bit values, row-major in 16-byte chunks whose index is
 // XORed with the row (mod 8): the 8 rows an ldmatrix reads at one column land in 8 different bank
-// groups instead of one. COLS is 64 or more, so every row has at least 8 chunks.
+// groups instead of one. COLS is 64 or more, so every row has at least 8 chunks. Tiles start on
+// 128-byte boundaries, so in a byte address the swizzled chunk's low 3 bits are bits 4..6.
 template <int COLS>
 struct SwizzledTile {
     static_assert(COLS % 64 == 0, "tiles are whole 128-byte rows of chunks");
     static constexpr int CHUNKS = COLS / 8;  // 16-byte chunks per row
+    static constexpr int ROW_BYTES = COLS * 2;
 
     __device__ static __forceinline__ int offset(int row, int chunk) {  // in elements
         return row * COLS + ((chunk ^ (row & 7)) * 8);
     }
+
+    // The address of chunk `c + chunk` of a row, from `base`: the address of chunk c (c < 8) of
+    // that row. With `chunk` a compile-time multiple of 8 plus an offset k < 8 whose bits are
+    // clear in c, (c + k) ^ r = (c ^ r) ^ k: one XOR with a constant and an add that folds into
+    // the load's immediate, instead of the swizzle's arithmetic per load.
+    __device__ static __forceinline__ uint32_t chunk_address(uint32_t base, int chunk) {
+        return (base ^ ((chunk & 7) << 4)) + ((chunk >> 3) << 7);
+    }
+
+    // A thread's base address (chunk c of row `row`, see chunk_address) in the tile at `tile`.
+    __device__ static __forceinline__ uint32_t base_address(uint32_t tile, int row, int c) {
+        return tile + row * ROW_BYTES + ((c ^ (row & 7)) << 4);
+    }
 };
 
 // Copy rows [0, ROWS) x COLS of a row-major global tile (row stride `stride`, unit column stride)
-// into a swizzled shared tile, asynchronously; rows at or past `valid_rows` become zeros. Each
-// thread copies one 16-byte column chunk of every PASS_ROWS-th row: its chunk, and (PASS_ROWS
-// being a multiple of 8) its swizzle, stay the same on every pass, so a pass costs a compare, two
-// address increments and the copy.
-template <typename T, int ROWS, int COLS, int THREADS>
-__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t stride, int valid_rows) {
+// into a swizzled shared tile, asynchronously; with CHECKED, rows at or past `valid_rows` become
+// zeros. Each thread copies one 16-byte column chunk of every PASS_ROWS-th row: its chunk, and
+// (PASS_ROWS being a multiple of 8) its swizzle, stay the same on every pass, so a pass costs an
+// address increment and the copy (and a compare when CHECKED).
+template <typename T, int ROWS, int COLS, int THREADS, bool CHECKED = true>
+__device__ __forceinline__ void load_tile_async(uint32_t smem_tile, const T* gmem, int64_t stride, int valid_rows = ROWS) {
     using Tile = SwizzledTile<COLS>;
     constexpr int PASS_ROWS = THREADS / Tile::CHUNKS;
     static_assert(THREADS % Tile::CHUNKS == 0 && PASS_ROWS % 8 == 0 && ROWS % PASS_ROWS == 0,
                   "every thread copies the same chunk of rows PASS_ROWS apart");
     const int chunk = threadIdx.x % Tile::CHUNKS, first = threadIdx.x / Tile::CHUNKS;
-    const uint32_t dst = smem_address(smem + Tile::offset(first, chunk));
+    const uint32_t dst = Tile::base_address(smem_tile, first, chunk & 7) + ((chunk >> 3) << 7);
     const T* src = gmem + first * stride + chunk * 8;
 #pragma unroll
     for (int pass = 0; pass < ROWS / PASS_ROWS; ++pass) {
-        const bool valid = first + pass * PASS_ROWS < valid_rows;
-        copy16_async(dst + pass * PASS_ROWS * COLS * sizeof(T), valid ? src + pass * PASS_ROWS * stride : gmem, valid);
+        const uint32_t to = dst + pass * PASS_ROWS * Tile::ROW_BYTES;
+        if (CHECKED) {
+            const bool valid = first + pass * PASS_ROWS < valid_rows;
+            copy16_async(to, valid ? src + pass * PASS_ROWS * stride : gmem, valid);
+        } else {
+            copy16_async(to, src + pass * PASS_ROWS * stride);
+        }
     }
 }
 

@@ -26,11 +26,11 @@ flash_decode(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
              bool causal, float scale_log2) {
     constexpr int BLOCK_N = WARP_KEYS * WARPS;  // keys per tile
     constexpr int THREADS = WARPS * 32;
-    constexpr int TILE = BLOCK_N * D;
+    constexpr uint32_t TILE_BYTES = BLOCK_N * D * sizeof(T);
     extern __shared__ __align__(128) unsigned char shared[];
-    T* q_tile = reinterpret_cast<T*>(shared);  // (16, D)
-    T* k_tiles = q_tile + 16 * D;             // STAGES x (BLOCK_N, D)
-    T* v_tiles = k_tiles + STAGES * TILE;     // STAGES x (BLOCK_N, D)
+    const uint32_t q_tile = smem_address(shared);              // (16, D)
+    const uint32_t k_tiles = q_tile + 16 * D * sizeof(T);      // STAGES x (BLOCK_N, D)
+    const uint32_t v_tiles = k_tiles + STAGES * TILE_BYTES;    // STAGES x (BLOCK_N, D)
 
     const int split = blockIdx.x, batch = blockIdx.y / heads_kv, head_kv = blockIdx.y % heads_kv;
     const int first_packed = blockIdx.z * 16;
@@ -44,7 +44,7 @@ flash_decode(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
         const int r = c / QTile::CHUNKS, chunk = c % QTile::CHUNKS, packed = first_packed + r;
         const bool valid = packed < packed_rows;
         const int head = head_kv * group + (valid ? packed / seqlen_q : 0), i = valid ? packed % seqlen_q : 0;
-        copy16_async(smem_address(q_tile + QTile::offset(r, chunk)),
+        copy16_async(q_tile + QTile::offset(r, chunk) * sizeof(T),
                      q + batch * q_batch + head * q_head + i * q_row + chunk * 8, valid);
     }
     commit_async();
@@ -58,9 +58,9 @@ flash_decode(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
 #pragma unroll
     for (int t = 0; t < STAGES - 1; ++t) {
         if (t < tiles) {
-            load_tile_async<T, BLOCK_N, D, THREADS>(k_tiles + t * TILE, k + t * BLOCK_N * k_row, k_row,
+            load_tile_async<T, BLOCK_N, D, THREADS>(k_tiles + t * TILE_BYTES, k + t * BLOCK_N * k_row, k_row,
                                                     key_end - key_begin - t * BLOCK_N);
-            load_tile_async<T, BLOCK_N, D, THREADS>(v_tiles + t * TILE, v + t * BLOCK_N * v_row, v_row,
+            load_tile_async<T, BLOCK_N, D, THREADS>(v_tiles + t * TILE_BYTES, v + t * BLOCK_N * v_row, v_row,
                                                     key_end - key_begin - t * BLOCK_N);
         }
         commit_async();
@@ -75,6 +75,10 @@ flash_decode(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
         if (causal) row_limit[0][i] = min(row_limit[0][i], query + seqlen_k - seqlen_q);
     }
     float o[1][D / 8][4] = {};
+    // This thread's fragment addresses: the block's 16 rows, this warp's keys of stage 0.
+    const uint32_t q_base = a_operand_base<D>(q_tile, 0);
+    const uint32_t k_base = b_operand_base<D>(k_tiles, warp * WARP_KEYS);
+    const uint32_t v_base = bt_operand_base<D>(v_tiles, warp * WARP_KEYS);
     float row_max[1][2] = {{neg_inf(), neg_inf()}}, row_sum[1][2] = {{0.f, 0.f}};
 
     for (int t = 0; t < tiles; ++t) {
@@ -83,9 +87,9 @@ flash_decode(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
         const int ahead = t + STAGES - 1;
         if (ahead < tiles) {
             const int stage = ahead % STAGES;
-            load_tile_async<T, BLOCK_N, D, THREADS>(k_tiles + stage * TILE, k + ahead * BLOCK_N * k_row, k_row,
+            load_tile_async<T, BLOCK_N, D, THREADS>(k_tiles + stage * TILE_BYTES, k + ahead * BLOCK_N * k_row, k_row,
                                                     key_end - key_begin - ahead * BLOCK_N);
-            load_tile_async<T, BLOCK_N, D, THREADS>(v_tiles + stage * TILE, v + ahead * BLOCK_N * v_row, v_row,
+            load_tile_async<T, BLOCK_N, D, THREADS>(v_tiles + stage * TILE_BYTES, v + ahead * BLOCK_N * v_row, v_row,
                                                     key_end - key_begin - ahead * BLOCK_N);
         }
         commit_async();
@@ -95,23 +99,23 @@ flash_decode(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
         const int stage = t % STAGES;
         const int first_key = key_begin + t * BLOCK_N + warp * WARP_KEYS;  // this warp's keys
         float s[1][WARP_KEYS / 8][4];
-        scores<T, D, WARP_KEYS, 1>(s, q_tile, 0, k_tiles + stage * TILE, warp * WARP_KEYS);
+        scores<T, D, WARP_KEYS, 1>(s, q_base, k_base + stage * TILE_BYTES);
         softmax_step<WARP_KEYS, D, 1, true>(s, o, row_max, row_sum, scale_log2, first_key, row_limit);
-        accumulate_pv<T, WARP_KEYS, D, 1>(o, s, v_tiles + stage * TILE, warp * WARP_KEYS);
+        accumulate_pv<T, WARP_KEYS, D, 1>(o, s, v_base + stage * TILE_BYTES);
         __syncthreads();
     }
     wait_async<0>();
     __syncthreads();  // the tiles' memory now holds the warps' states
 
     // Merge the warps: each writes its rows' max, sum and unnormalised output to shared memory.
-    float* warp_out = reinterpret_cast<float*>(k_tiles);  // (WARPS, 16, D)
+    float* warp_out = reinterpret_cast<float*>(shared + 16 * D * sizeof(T));  // (WARPS, 16, D), over the rings
     float* warp_max = warp_out + WARPS * 16 * D;           // (WARPS, 16)
     float* warp_sum = warp_max + WARPS * 16;               // (WARPS, 16)
     for (int i = 0; i < 2; ++i) {
         const int r = lane / 4 + 8 * i;
         const float total = quad_sum(row_sum[0][i]);
         if (lane % 4 == 0) {
-            warp_max[warp * 16 + r] = row_max[0][i];
+            warp_max[warp * 16 + r] = row_max[0][i] * scale_log2;  // log2 units, as the merge below uses
             warp_sum[warp * 16 + r] = total;
         }
 #pragma unroll

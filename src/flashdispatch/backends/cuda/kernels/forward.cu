@@ -28,10 +28,11 @@ flash_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
               int seqlen_q, int seqlen_k, int heads_q, int group, float scale_log2) {
     constexpr int BLOCK_M = 16 * M_TILES * WARPS;
     constexpr int THREADS = WARPS * 32;
+    constexpr uint32_t TILE_BYTES = BLOCK_N * D * sizeof(T);
     extern __shared__ __align__(128) unsigned char shared[];
-    T* q_tile = reinterpret_cast<T*>(shared);          // (BLOCK_M, D)
-    T* k_tiles = q_tile + BLOCK_M * D;                  // 2 x (BLOCK_N, D)
-    T* v_tiles = k_tiles + 2 * BLOCK_N * D;             // 2 x (BLOCK_N, D)
+    const uint32_t q_tile = smem_address(shared);                 // (BLOCK_M, D)
+    const uint32_t k_tiles = q_tile + BLOCK_M * D * sizeof(T);    // 2 x (BLOCK_N, D)
+    const uint32_t v_tiles = k_tiles + 2 * TILE_BYTES;            // 2 x (BLOCK_N, D)
 
     const int batch = blockIdx.x / heads_q, head = blockIdx.x % heads_q, head_kv = head / group;
     // Query blocks in reverse: under a causal mask the last ones see the most keys, and starting
@@ -73,32 +74,40 @@ flash_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
     float row_max[M_TILES][2], row_sum[M_TILES][2];
     for (int m = 0; m < M_TILES; ++m) row_max[m][0] = row_max[m][1] = neg_inf(), row_sum[m][0] = row_sum[m][1] = 0.f;
 
+    // This thread's fragment addresses in the first stage; the second is TILE_BYTES further.
+    const uint32_t q_base = a_operand_base<D>(q_tile, warp_row);
+    const uint32_t k_base = b_operand_base<D>(k_tiles, 0);
+    const uint32_t v_base = bt_operand_base<D>(v_tiles, 0);
+    const T* k_next = k + BLOCK_N * k_row;  // the next block's first key and value
+    const T* v_next = v + BLOCK_N * v_row;
+
     for (int j = 0; j < blocks; ++j) {
-        const int stage = j % 2;
-        const T* k_tile = k_tiles + stage * BLOCK_N * D;
-        const T* v_tile = v_tiles + stage * BLOCK_N * D;
-        const int first_key = j * BLOCK_N;
+        const uint32_t stage = (j % 2) * TILE_BYTES, other = TILE_BYTES - stage;
         // Wait for this block's K and V, then start the next block's into the other stage (last
         // read in iteration j - 1, which ended with a barrier); it loads under this block's work.
+        // Whole tiles skip the per-row bounds checks.
         wait_async<0>();
         __syncthreads();
-        if (j + 1 < blocks) {
-            const int rows = key_end - first_key - BLOCK_N;
-            load_tile_async<T, BLOCK_N, D, THREADS>(k_tiles + (1 - stage) * BLOCK_N * D, k + (first_key + BLOCK_N) * k_row,
-                                                    k_row, rows);
-            load_tile_async<T, BLOCK_N, D, THREADS>(v_tiles + (1 - stage) * BLOCK_N * D, v + (first_key + BLOCK_N) * v_row,
-                                                    v_row, rows);
+        const int next_rows = key_end - (j + 1) * BLOCK_N;
+        if (next_rows >= BLOCK_N) {
+            load_tile_async<T, BLOCK_N, D, THREADS, false>(k_tiles + other, k_next, k_row);
+            load_tile_async<T, BLOCK_N, D, THREADS, false>(v_tiles + other, v_next, v_row);
+        } else if (next_rows > 0) {
+            load_tile_async<T, BLOCK_N, D, THREADS>(k_tiles + other, k_next, k_row, next_rows);
+            load_tile_async<T, BLOCK_N, D, THREADS>(v_tiles + other, v_next, v_row, next_rows);
         }
         commit_async();
+        k_next += BLOCK_N * k_row;
+        v_next += BLOCK_N * v_row;
 
         float s[M_TILES][BLOCK_N / 8][4];
-        scores<T, D, BLOCK_N, M_TILES>(s, q_tile, warp_row, k_tile, 0);
+        scores<T, D, BLOCK_N, M_TILES>(s, q_base, k_base + stage);
         if (j < unmasked_blocks) {
-            softmax_step<BLOCK_N, D, M_TILES, false>(s, o, row_max, row_sum, scale_log2, first_key, row_limit);
+            softmax_step<BLOCK_N, D, M_TILES, false>(s, o, row_max, row_sum, scale_log2, j * BLOCK_N, row_limit);
         } else {
-            softmax_step<BLOCK_N, D, M_TILES, true>(s, o, row_max, row_sum, scale_log2, first_key, row_limit);
+            softmax_step<BLOCK_N, D, M_TILES, true>(s, o, row_max, row_sum, scale_log2, j * BLOCK_N, row_limit);
         }
-        accumulate_pv<T, BLOCK_N, D, M_TILES>(o, s, v_tile, 0);
+        accumulate_pv<T, BLOCK_N, D, M_TILES>(o, s, v_base + stage);
         __syncthreads();  // every warp is done with this stage before it is refilled
     }
 
@@ -117,7 +126,7 @@ flash_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
             }
             if (lane % 4 == 0) {
                 lse[(static_cast<int64_t>(batch) * heads_q + head) * seqlen_q + row] =
-                    total > 0.f ? (row_max[m][i] + log2f(total)) * LN2 : neg_inf();
+                    total > 0.f ? (row_max[m][i] * scale_log2 + log2f(total)) * LN2 : neg_inf();
             }
         }
     }
