@@ -8,6 +8,8 @@
     --part decode-sweep  decoding GB/s for warps, keys per warp, pipeline depths and resident blocks per SM
     --part forward-sweep forward TFLOP/s for warps per block, 16-row tiles per warp and key-tile sizes
     --part profile    two forward launches (D = 128, N = 4k, bf16), to run under Nsight Compute
+    --part decode-profile  one decoding call each of cuda and sdpa-cudnn at B = 8 and 32 (8k keys),
+                      to run under Nsight Compute
     --part sanitize   one forward and one split decoding launch, then exit (run it under
                       compute-sanitizer --tool memcheck / racecheck)
 
@@ -153,8 +155,8 @@ def decode_sweep() -> int:
         q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(b, 8, nk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         shapes.append((b, nk, q, k, v, build_problem(q, k, v)))
-    for warps, warp_keys, stages, per_sm in ((4, 16, 3, 2), (8, 16, 2, 1), (8, 16, 3, 1), (4, 32, 2, 1), (4, 32, 3, 1),
-                                             (2, 32, 3, 2), (4, 16, 2, 2)):
+    for warps, warp_keys, stages, per_sm in ((8, 16, 2, 1), (4, 32, 1, 2), (4, 32, 1, 3), (4, 16, 1, 4), (4, 32, 2, 1),
+                                             (8, 16, 1, 2), (8, 16, 3, 1), (8, 16, 2, 1)):
         cuda_backend.DECODE_WARPS, cuda_backend.DECODE_WARP_KEYS = warps, warp_keys
         cuda_backend.DECODE_STAGES, cuda_backend.DECODE_BLOCKS_PER_SM = stages, per_sm
         rates = []
@@ -204,6 +206,22 @@ def profile() -> int:
     return 0
 
 
+def decode_profile() -> int:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flashdispatch.backends.cuda import CudaBackend
+    from flashdispatch.dispatcher.problem import build_problem
+
+    for b in (8, 32):
+        q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(b, 8, 8192, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        CudaBackend().forward(q, k, v, build_problem(q, k, v))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.cuda.synchronize()
+    return 0
+
+
 def sanitize() -> int:
     from flashdispatch.backends.cuda import CudaBackend
     from flashdispatch.dispatcher.problem import build_problem
@@ -221,9 +239,10 @@ def sanitize() -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", required=True, choices=("exact", "speed", "decode-sweep", "forward-sweep", "profile", "sanitize"))
+    parser.add_argument("--part", required=True, choices=("exact", "speed", "decode-sweep", "forward-sweep", "profile", "decode-profile",
+                                                            "sanitize"))
     parts = {"exact": exact, "speed": speed, "decode-sweep": decode_sweep, "forward-sweep": forward_sweep,
-             "profile": profile, "sanitize": sanitize}
+             "profile": profile, "decode-profile": decode_profile, "sanitize": sanitize}
     return parts[parser.parse_args().part]()
 
 

@@ -8,7 +8,7 @@ the binaries on disk. Two kernels do the work:
   double buffering), bottom-right causal with fully masked key blocks skipped, GQA by addressing;
 - `decode.cu`: split-KV decoding for at most 16 queries: the query heads of a GQA group share a
   block, so each key is read once per group; the keys are split across blocks so that a small
-  batch fills every SM, and `merge_splits` combines the splits by LSE.
+  batch fills every SM, and the last block of each group of splits combines them by LSE.
 
 Tensors stay PyTorch's: the kernels get their device pointers and strides (no copy, no DLPack
 round trip on the hot path) and launch on PyTorch's current stream; nothing synchronises the host.
@@ -47,14 +47,14 @@ FORWARD_WARPS = 4
 FORWARD_M_TILES = 2  # 16-row tiles per warp: 128 query rows per block
 FORWARD_BLOCK_N = 64  # keys per shared-memory tile
 DECODE_MAX_QUERIES = 16
-# Decoding tiles: 8 warps x 16 keys, 3 stages (196 KiB of shared memory at D = 128, one block per
-# SM): 97-700 us on the H100 grid, 1-3% faster than 4 warps or 2 stages
-# (`check_cuda_gpu.py --part decode-sweep`, docs/data/cuda-decode-sweep-h100-2026-11-25.log).
+# Decoding tiles: 8 warps x 16 keys, 2 stages (132 KiB of shared memory at D = 128, one block per
+# SM): within 1% of every other shape swept on the H100 grid and the fastest at B = 8
+# (`check_cuda_gpu.py --part decode-sweep`). A persistent grid (each block streaming several
+# items through one ring) measured 1-3% slower at B = 32 and was dropped.
 DECODE_WARPS = 8
 DECODE_WARP_KEYS = 16  # keys per warp in each shared-memory tile: 128-key tiles
-DECODE_STAGES = 3
+DECODE_STAGES = 2
 DECODE_BLOCKS_PER_SM = 1  # resident decoding blocks per SM
-DECODE_WAVES = 1  # key splits fill this many waves of resident blocks
 DECODE_MIN_KEYS_PER_SPLIT = 256
 LOG2E = math.log2(math.e)
 
@@ -63,6 +63,11 @@ _TYPE_NAMES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 
 def _decoding(problem: Problem) -> bool:
     return problem.seqlen_q <= DECODE_MAX_QUERIES
+
+
+def _decode_groups(problem: Problem) -> int:
+    """Decoding blocks before the keys are split: (batch, KV head, block of 16 packed rows)."""
+    return problem.batch * problem.heads_kv * _cdiv(problem.seqlen_q * problem.group_size, 16)
 
 
 def _bool(flag: bool) -> str:
@@ -79,9 +84,8 @@ def forward_kernels(dtype: torch.dtype, head_dim: int) -> list[str]:
 def decode_kernels(dtype: torch.dtype, head_dim: int) -> list[str]:
     """The decode.cu instantiations one (dtype, head dim) module holds."""
     t = _TYPE_NAMES[dtype]
-    return ([f"fd::flash_decode<{t}, {head_dim}, {DECODE_WARPS}, {DECODE_WARP_KEYS}, {DECODE_STAGES}, {_bool(s)}>"
-             for s in (False, True)]
-            + [f"fd::merge_splits<{t}, {head_dim}>"])
+    return [f"fd::flash_decode<{t}, {head_dim}, {DECODE_WARPS}, {DECODE_WARP_KEYS}, {DECODE_STAGES}, {_bool(s)}>"
+            for s in (False, True)]
 
 
 def forward_shared_bytes(head_dim: int) -> int:
@@ -91,7 +95,8 @@ def forward_shared_bytes(head_dim: int) -> int:
 
 def decode_shared_bytes(head_dim: int) -> int:
     rings = 2 * DECODE_STAGES * DECODE_WARP_KEYS * DECODE_WARPS * head_dim * 2  # K and V, 16-bit
-    warp_states = DECODE_WARPS * 16 * (head_dim + 2) * 4  # float32, in the rings' memory once they are done
+    # float32 outputs, maxima, sums and weights of the warps, and 16 LSEs, in the rings' memory once they are done
+    warp_states = DECODE_WARPS * 16 * (head_dim + 3) * 4 + 16 * 4
     return 16 * head_dim * 2 + max(rings, warp_states)  # after Q
 
 
@@ -207,11 +212,10 @@ class CudaBackend(Backend):
     def _decode(module, names, problem, caps, pointers, strides, scale_log2, stream, device):
         import cupy
 
-        rows = problem.seqlen_q * problem.group_size  # packed (query head, query) rows per KV head
-        blocks = problem.batch * problem.heads_kv * _cdiv(rows, 16)
-        # As many splits as fill DECODE_WAVES waves of resident blocks.
-        splits = max(1, min((caps.sm_count or 1) * DECODE_BLOCKS_PER_SM * DECODE_WAVES // blocks,
-                            problem.seqlen_k // DECODE_MIN_KEYS_PER_SPLIT))
+        groups = _decode_groups(problem)
+        resident = (caps.sm_count or 1) * DECODE_BLOCKS_PER_SM
+        # As many splits as give every resident block work, when the groups alone do not.
+        splits = max(1, min(resident // groups, problem.seqlen_k // DECODE_MIN_KEYS_PER_SPLIT))
         tile = DECODE_WARP_KEYS * DECODE_WARPS
         keys_per_split = _cdiv(_cdiv(problem.seqlen_k, splits), tile) * tile
         splits = _cdiv(problem.seqlen_k, keys_per_split)
@@ -219,27 +223,22 @@ class CudaBackend(Backend):
         kernel = module.function(names[int(splits > 1)])
         _allow_shared(kernel, shared)
         total_rows = problem.batch * problem.heads_q * problem.seqlen_q
-        partial_out = partial_lse = None
-        extra = [cupy.uint64(0), cupy.uint64(0)]
+        grid = (splits, problem.batch * problem.heads_kv, _cdiv(problem.seqlen_q * problem.group_size, 16))
+        extra = [cupy.uint64(0)] * 3
         if splits > 1:
-            partial_out = torch.empty(splits, total_rows, problem.head_dim_v, dtype=torch.float32, device=device)
-            partial_lse = torch.empty(splits, total_rows, dtype=torch.float32, device=device)
-            extra = [cupy.uint64(partial_out.data_ptr()), cupy.uint64(partial_lse.data_ptr())]
-        grid = (splits, problem.batch * problem.heads_kv, _cdiv(rows, 16))
+            # One buffer for both partial results: (splits, rows, D) outputs, then (splits, rows) LSEs.
+            partials = torch.empty(splits * total_rows * (problem.head_dim_v + 1), dtype=torch.float32, device=device)
+            counters = _split_counters(stream, device, groups)
+            extra = [cupy.uint64(partials.data_ptr()),
+                     cupy.uint64(partials.data_ptr() + splits * total_rows * problem.head_dim_v * 4),
+                     cupy.uint64(counters.data_ptr())]
         kernel(grid, (DECODE_WARPS * 32,),
                (*pointers, *extra, *strides, cupy.int32(problem.batch), cupy.int32(problem.seqlen_q),
                 cupy.int32(problem.seqlen_k), cupy.int32(problem.heads_kv), cupy.int32(problem.group_size),
                 cupy.int32(keys_per_split), cupy.bool_(problem.causal), scale_log2),
                shared_mem=shared, stream=stream)
-        if splits > 1:
-            out_strides = strides[9:]
-            module.function(names[2])((total_rows,), (problem.head_dim_v,),
-                                      (extra[0], extra[1], pointers[3], pointers[4], *out_strides, cupy.int32(splits),
-                                       cupy.int32(problem.heads_q), cupy.int32(problem.seqlen_q),
-                                       cupy.int64(total_rows)),
-                                      stream=stream)
-        # The partial buffers are freed when this returns: PyTorch's allocator keeps their memory
-        # for later work on this stream only, so the merge above has read them by then.
+        # The partial buffer is freed when this returns: PyTorch's allocator reuses its memory for
+        # later work on this stream only, which runs after the kernel has read it.
 
 
 _streams: dict[tuple[int, int], object] = {}  # (PyTorch stream handle, device) -> the CuPy view of it
@@ -257,6 +256,20 @@ def _cupy_stream(handle: int, device_index: int):
             warnings.simplefilter("ignore", DeprecationWarning)  # which CuPy 13 does not have
             stream = _streams[(handle, device_index)] = cupy.cuda.ExternalStream(handle, device_index)
     return stream
+
+
+_counters: dict[tuple[int, int], torch.Tensor] = {}  # (stream handle, device) -> zeroed int32 counters
+
+
+def _split_counters(stream, device: torch.device, count: int) -> torch.Tensor:
+    """Counters the decoding kernel's split blocks count themselves in with (the last one merges
+    the splits and resets its counter to 0): one buffer per stream, since launches on one stream
+    never overlap, zeroed once and grown when a launch needs more."""
+    key = (stream.ptr, device.index)
+    counters = _counters.get(key)
+    if counters is None or counters.numel() < count:
+        counters = _counters[key] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+    return counters
 
 
 _opted_in: dict[int, int] = {}  # id(kernel) -> dynamic shared memory it may use (kernels live as long as their module)
