@@ -10,6 +10,7 @@
     --part profile    two forward launches (D = 128, N = 4k, bf16), to run under Nsight Compute
     --part decode-profile  one decoding call each of cuda and sdpa-cudnn at B = 8 and 32 (8k keys),
                       to run under Nsight Compute
+    --part plot --log L --out P  bar charts of a saved `--part speed` log (needs matplotlib; no GPU)
     --part sanitize   one forward and one split decoding launch, then exit (run it under
                       compute-sanitizer --tool memcheck / racecheck)
 
@@ -237,13 +238,50 @@ def sanitize() -> int:
     return 0
 
 
+def plot(log: str, out: str) -> int:
+    """Forward TFLOP/s and decoding GB/s of a `--part speed` log, per backend, side by side."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    text = open(log).read()
+    forward = re.findall(r"D=(\d+) N=(\d+) causal=(\w+): cuda (\d+), flash (\d+), cudnn (\d+)", text)
+    decode = re.findall(r"decode B=(\d+) Nk=(\d+): cuda (\d+), cuda \(host hidden\) \d+, flash (\d+), cudnn (\d+)", text)
+    copy = float(re.search(r"copy (\d+) GB/s", text).group(1))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    for axis, rows, labels, unit in (
+            (left, forward, [f"D={d}\nN={int(n) // 1024}k{' c' if c == 'True' else ''}" for d, n, c, *_ in forward],
+             "forward TFLOP/s"),
+            (right, decode, [f"B={b}\n{int(n) // 1024}k keys" for b, n, *_ in decode], "decoding GB/s")):
+        values = [[float(x) for x in row[-3:]] for row in rows]
+        for i, name in enumerate(("cuda", "sdpa-flash", "sdpa-cudnn")):
+            axis.bar([j + (i - 1) * 0.27 for j in range(len(rows))], [v[i] for v in values], 0.27, label=name)
+        axis.set_xticks(range(len(rows)), labels, fontsize=8)
+        axis.set_ylabel(unit)
+    right.axhline(copy, color="gray", linestyle="--", linewidth=1, label="device copy")
+    left.legend(fontsize=8)
+    right.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"cuda backend on the H100, bf16 ({log.rsplit('/', 1)[-1]})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log", help="--part plot: the speed log to read")
+    parser.add_argument("--out", help="--part plot: the PNG to write")
     parser.add_argument("--part", required=True, choices=("exact", "speed", "decode-sweep", "forward-sweep", "profile", "decode-profile",
-                                                            "sanitize"))
+                                                            "sanitize", "plot"))
     parts = {"exact": exact, "speed": speed, "decode-sweep": decode_sweep, "forward-sweep": forward_sweep,
              "profile": profile, "decode-profile": decode_profile, "sanitize": sanitize}
-    return parts[parser.parse_args().part]()
+    args = parser.parse_args()
+    if args.part == "plot":
+        return plot(args.log, args.out)
+    return parts[args.part]()
 
 
 if __name__ == "__main__":
