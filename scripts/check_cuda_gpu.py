@@ -131,9 +131,10 @@ def speed() -> int:
         print(f"speed: decode B={b} Nk={nk}: " + ", ".join(f"{k} {r:.0f}" for k, r in rates.items())
               + f" GB/s; cuda {rates['cuda'] / copy:.0%} of copy, {rates['cuda'] / rates['cudnn']:.2f}x cudnn", flush=True)
         if b == 8 and nk == 8192:
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                hosts = {"cuda": host_seconds(lambda: backend.forward(q, k, v, problem)),
-                         "sdpa-flash": host_seconds(lambda: sdpa(q, k, v, enable_gqa=True))}
+            hosts = {"cuda": host_seconds(lambda: backend.forward(q, k, v, problem))}
+            for name, kind in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+                with sdpa_kernel(kind):
+                    hosts[name] = host_seconds(lambda: sdpa(q, k, v, enable_gqa=True))
             print("speed: host time per decoding call (B=8, 8k keys): "
                   + ", ".join(f"{name} {t * 1e6:.1f} us" for name, t in hosts.items()), flush=True)
     return 0

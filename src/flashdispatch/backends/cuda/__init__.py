@@ -12,6 +12,8 @@ the binaries on disk. Two kernels do the work:
 
 Tensors stay PyTorch's: the kernels get their device pointers and strides (no copy, no DLPack
 round trip on the hot path) and launch on PyTorch's current stream; nothing synchronises the host.
+What follows from the problem alone (kernel, grid, splits, scalar arguments) is kept in a launch
+plan per problem, so a repeated call only allocates its outputs and launches.
 A tensor whose rows are not 16-byte aligned (a last-dim stride other than 1, say) is copied to a
 contiguous one first, since the kernels load rows in 16-byte pieces. Forward only: the LSE is the
 standard one, so the dispatcher pairs this forward with another backend's backward.
@@ -20,6 +22,7 @@ standard one, so the dispatcher pairs this forward with another backend's backwa
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -180,38 +183,65 @@ class CudaBackend(Backend):
     def forward(self, q, k, v, problem, cu_seqlens_q=None, cu_seqlens_k=None):
         import cupy
 
-        from . import compiler
-
         q, k, v = (t if _rows_aligned(t) else t.contiguous() for t in (q, k, v))
-        q, scale = _positive_scale(q, problem.scale)
-        caps = capabilities(q.device)
-        source, names = self._kernels(problem)
-        module = compiler.load_module(KERNELS / source, names, caps.compute_capability)
-        layout = problem.layout
-        out = torch.empty(q.shape[:-1] + (problem.head_dim_v,), dtype=q.dtype, device=q.device)
-        lse = torch.empty(problem.batch, problem.heads_q, problem.seqlen_q, dtype=torch.float32, device=q.device)
-        strides = [cupy.int64(s) for t in (q, k, v, out) for s in _bhsd_strides(t, layout)]
+        q, _ = _positive_scale(q, problem.scale)
+        device = q.device
+        plan = _plans.get(problem) or _launch_plan(problem, device)
+        out = torch.empty(plan.out_shape, dtype=q.dtype, device=device)
+        lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)
         pointers = [cupy.uint64(t.data_ptr()) for t in (q, k, v, out, lse)]
-        scale_log2 = cupy.float32(scale * LOG2E)
-        stream = _cupy_stream(torch.cuda.current_stream(q.device).cuda_stream, q.device.index)
-        with cupy.cuda.Device(q.device.index):
-            if _decoding(problem):
-                self._decode(module, names, problem, caps, pointers, strides, scale_log2, stream, q.device)
-            else:
-                kernel = module.function(names[int(problem.causal)])
-                shared = forward_shared_bytes(problem.head_dim)
-                _allow_shared(kernel, shared)
-                grid = (problem.batch * problem.heads_q, _cdiv(problem.seqlen_q, _forward_block_m()))
-                kernel(grid, (FORWARD_WARPS * 32,), (*pointers, *strides, cupy.int32(problem.seqlen_q),
-                                                    cupy.int32(problem.seqlen_k), cupy.int32(problem.heads_q),
-                                                    cupy.int32(problem.group_size), scale_log2),
-                       shared_mem=shared, stream=stream)
+        strides = [cupy.int64(s) for t in (q, k, v, out) for s in _bhsd_strides(t, problem.layout)]
+        stream = _cupy_stream(_current_stream_handle(device), device.index)
+        if plan.partial_floats:
+            # One buffer for both partial results of split decoding: (splits, rows, D) outputs,
+            # then (splits, rows) LSEs. It is freed when this returns: PyTorch's allocator reuses
+            # its memory for later work on this stream only, which runs after the kernel has read it.
+            partials = torch.empty(plan.partial_floats, dtype=torch.float32, device=device)
+            counters = _split_counters(stream, device, plan.counters)
+            pointers += [cupy.uint64(partials.data_ptr()), cupy.uint64(partials.data_ptr() + plan.partial_lse_offset),
+                         cupy.uint64(counters.data_ptr())]
+        elif plan.counters is not None:  # decoding without splits: the kernel takes no partials
+            pointers += [cupy.uint64(0)] * 3
+        with cupy.cuda.Device(device.index):
+            plan.kernel(plan.grid, plan.block, (*pointers, *strides, *plan.sizes), shared_mem=plan.shared, stream=stream)
         return out, lse
 
-    @staticmethod
-    def _decode(module, names, problem, caps, pointers, strides, scale_log2, stream, device):
-        import cupy
 
+@dataclass(frozen=True)
+class _LaunchPlan:
+    """What a launch needs that follows from the problem alone (not from the tensors' addresses
+    or strides): computed once per problem, so that a repeated call (decoding, above all) only
+    allocates its outputs and launches."""
+
+    kernel: object  # the cupy.RawKernel
+    grid: tuple[int, ...]
+    block: tuple[int]
+    shared: int  # dynamic shared memory, bytes
+    out_shape: tuple[int, ...]
+    lse_shape: tuple[int, int, int]
+    sizes: tuple  # the kernel's arguments after the strides, as the C types it takes
+    counters: int | None = None  # decoding: the split counters it needs (None: forward kernel)
+    partial_floats: int = 0  # decoding with splits: float32 partial results (0: no splits)
+    partial_lse_offset: int = 0  # bytes from the partial buffer's start to its LSEs
+
+
+_plans: dict[Problem, _LaunchPlan] = {}
+MAX_PLANS = 1024  # a server sees a few shapes per model; a sweep over many only rebuilds plans
+
+
+def _launch_plan(problem: Problem, device: torch.device) -> _LaunchPlan:
+    import cupy
+
+    from . import compiler
+
+    caps = capabilities(device)
+    source, names = CudaBackend._kernels(problem)
+    module = compiler.load_module(KERNELS / source, names, caps.compute_capability)
+    scale_log2 = cupy.float32((abs(problem.scale) or 1.0) * LOG2E)  # the scale _positive_scale leaves
+    lse_shape = (problem.batch, problem.heads_q, problem.seqlen_q)
+    out_shape = ((problem.batch, problem.heads_q, problem.seqlen_q, problem.head_dim_v) if problem.layout == "bhsd"
+                 else (problem.batch, problem.seqlen_q, problem.heads_q, problem.head_dim_v))
+    if _decoding(problem):
         groups = _decode_groups(problem)
         resident = (caps.sm_count or 1) * DECODE_BLOCKS_PER_SM
         # As many splits as give every resident block work, when the groups alone do not.
@@ -219,26 +249,37 @@ class CudaBackend(Backend):
         tile = DECODE_WARP_KEYS * DECODE_WARPS
         keys_per_split = _cdiv(_cdiv(problem.seqlen_k, splits), tile) * tile
         splits = _cdiv(problem.seqlen_k, keys_per_split)
-        shared = decode_shared_bytes(problem.head_dim)
-        kernel = module.function(names[int(splits > 1)])
-        _allow_shared(kernel, shared)
-        total_rows = problem.batch * problem.heads_q * problem.seqlen_q
-        grid = (splits, problem.batch * problem.heads_kv, _cdiv(problem.seqlen_q * problem.group_size, 16))
-        extra = [cupy.uint64(0)] * 3
-        if splits > 1:
-            # One buffer for both partial results: (splits, rows, D) outputs, then (splits, rows) LSEs.
-            partials = torch.empty(splits * total_rows * (problem.head_dim_v + 1), dtype=torch.float32, device=device)
-            counters = _split_counters(stream, device, groups)
-            extra = [cupy.uint64(partials.data_ptr()),
-                     cupy.uint64(partials.data_ptr() + splits * total_rows * problem.head_dim_v * 4),
-                     cupy.uint64(counters.data_ptr())]
-        kernel(grid, (DECODE_WARPS * 32,),
-               (*pointers, *extra, *strides, cupy.int32(problem.batch), cupy.int32(problem.seqlen_q),
-                cupy.int32(problem.seqlen_k), cupy.int32(problem.heads_kv), cupy.int32(problem.group_size),
-                cupy.int32(keys_per_split), cupy.bool_(problem.causal), scale_log2),
-               shared_mem=shared, stream=stream)
-        # The partial buffer is freed when this returns: PyTorch's allocator reuses its memory for
-        # later work on this stream only, which runs after the kernel has read it.
+        rows = problem.batch * problem.heads_q * problem.seqlen_q
+        plan = _LaunchPlan(
+            kernel=module.function(names[int(splits > 1)]),
+            grid=(splits, problem.batch * problem.heads_kv, _cdiv(problem.seqlen_q * problem.group_size, 16)),
+            block=(DECODE_WARPS * 32,), shared=decode_shared_bytes(problem.head_dim),
+            out_shape=out_shape, lse_shape=lse_shape,
+            sizes=(cupy.int32(problem.batch), cupy.int32(problem.seqlen_q), cupy.int32(problem.seqlen_k),
+                   cupy.int32(problem.heads_kv), cupy.int32(problem.group_size), cupy.int32(keys_per_split),
+                   cupy.bool_(problem.causal), scale_log2),
+            counters=groups, partial_floats=splits * rows * (problem.head_dim_v + 1) if splits > 1 else 0,
+            partial_lse_offset=splits * rows * problem.head_dim_v * 4)
+    else:
+        plan = _LaunchPlan(
+            kernel=module.function(names[int(problem.causal)]),
+            grid=(problem.batch * problem.heads_q, _cdiv(problem.seqlen_q, _forward_block_m())),
+            block=(FORWARD_WARPS * 32,), shared=forward_shared_bytes(problem.head_dim),
+            out_shape=out_shape, lse_shape=lse_shape,
+            sizes=(cupy.int32(problem.seqlen_q), cupy.int32(problem.seqlen_k), cupy.int32(problem.heads_q),
+                   cupy.int32(problem.group_size), scale_log2))
+    _allow_shared(plan.kernel, plan.shared)
+    if len(_plans) >= MAX_PLANS:
+        _plans.clear()
+    _plans[problem] = plan
+    return plan
+
+
+def _current_stream_handle(device: torch.device) -> int:
+    """The raw handle of PyTorch's current stream on `device` (the public path builds a Stream
+    object per call, several microseconds of a decoding call's host time)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw(device.index) if raw is not None else torch.cuda.current_stream(device).cuda_stream
 
 
 _streams: dict[tuple[int, int], object] = {}  # (PyTorch stream handle, device) -> the CuPy view of it
