@@ -12,8 +12,8 @@ the binaries on disk. Two kernels do the work:
 
 Tensors stay PyTorch's: the kernels get their device pointers and strides (no copy, no DLPack
 round trip on the hot path) and launch on PyTorch's current stream; nothing synchronises the host.
-What follows from the problem alone (kernel, grid, splits, scalar arguments) is kept in a launch
-plan per problem, so a repeated call only allocates its outputs and launches.
+Each kernel, once loaded and opted into its shared memory, is kept under a small tuple key, so a
+repeated call (a decoding step, above all) only allocates its outputs and launches.
 A tensor whose rows are not 16-byte aligned (a last-dim stride other than 1, say) is copied to a
 contiguous one first, since the kernels load rows in 16-byte pieces. Forward only: the LSE is the
 standard one, so the dispatcher pairs this forward with another backend's backward.
@@ -22,7 +22,6 @@ standard one, so the dispatcher pairs this forward with another backend's backwa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -184,95 +183,76 @@ class CudaBackend(Backend):
         import cupy
 
         q, k, v = (t if _rows_aligned(t) else t.contiguous() for t in (q, k, v))
-        q, _ = _positive_scale(q, problem.scale)
+        q, scale = _positive_scale(q, problem.scale)
         device = q.device
-        plan = _plans.get(problem) or _launch_plan(problem, device)
-        out = torch.empty(plan.out_shape, dtype=q.dtype, device=device)
-        lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)
+        out = torch.empty(q.shape[:-1] + (problem.head_dim_v,), dtype=q.dtype, device=device)
+        lse = torch.empty(problem.batch, problem.heads_q, problem.seqlen_q, dtype=torch.float32, device=device)
         pointers = [cupy.uint64(t.data_ptr()) for t in (q, k, v, out, lse)]
         strides = [cupy.int64(s) for t in (q, k, v, out) for s in _bhsd_strides(t, problem.layout)]
+        scale_log2 = cupy.float32(scale * LOG2E)
         stream = _cupy_stream(_current_stream_handle(device), device.index)
-        if plan.partial_floats:
-            # One buffer for both partial results of split decoding: (splits, rows, D) outputs,
-            # then (splits, rows) LSEs. It is freed when this returns: PyTorch's allocator reuses
-            # its memory for later work on this stream only, which runs after the kernel has read it.
-            partials = torch.empty(plan.partial_floats, dtype=torch.float32, device=device)
-            counters = _split_counters(stream, device, plan.counters)
-            pointers += [cupy.uint64(partials.data_ptr()), cupy.uint64(partials.data_ptr() + plan.partial_lse_offset),
-                         cupy.uint64(counters.data_ptr())]
-        elif plan.counters is not None:  # decoding without splits: the kernel takes no partials
-            pointers += [cupy.uint64(0)] * 3
         with cupy.cuda.Device(device.index):
-            plan.kernel(plan.grid, plan.block, (*pointers, *strides, *plan.sizes), shared_mem=plan.shared, stream=stream)
+            if _decoding(problem):
+                self._decode(problem, device, pointers, strides, scale_log2, stream)
+            else:
+                grid = (problem.batch * problem.heads_q, _cdiv(problem.seqlen_q, _forward_block_m()))
+                _kernel(problem, device, int(problem.causal))(
+                    grid, (FORWARD_WARPS * 32,), (*pointers, *strides, cupy.int32(problem.seqlen_q),
+                                                 cupy.int32(problem.seqlen_k), cupy.int32(problem.heads_q),
+                                                 cupy.int32(problem.group_size), scale_log2),
+                    shared_mem=forward_shared_bytes(problem.head_dim), stream=stream)
         return out, lse
 
+    @staticmethod
+    def _decode(problem, device, pointers, strides, scale_log2, stream):
+        import cupy
 
-@dataclass(frozen=True)
-class _LaunchPlan:
-    """What a launch needs that follows from the problem alone (not from the tensors' addresses
-    or strides): computed once per problem, so that a repeated call (decoding, above all) only
-    allocates its outputs and launches."""
-
-    kernel: object  # the cupy.RawKernel
-    grid: tuple[int, ...]
-    block: tuple[int]
-    shared: int  # dynamic shared memory, bytes
-    out_shape: tuple[int, ...]
-    lse_shape: tuple[int, int, int]
-    sizes: tuple  # the kernel's arguments after the strides, as the C types it takes
-    counters: int | None = None  # decoding: the split counters it needs (None: forward kernel)
-    partial_floats: int = 0  # decoding with splits: float32 partial results (0: no splits)
-    partial_lse_offset: int = 0  # bytes from the partial buffer's start to its LSEs
-
-
-_plans: dict[Problem, _LaunchPlan] = {}
-MAX_PLANS = 1024  # a server sees a few shapes per model; a sweep over many only rebuilds plans
-
-
-def _launch_plan(problem: Problem, device: torch.device) -> _LaunchPlan:
-    import cupy
-
-    from . import compiler
-
-    caps = capabilities(device)
-    source, names = CudaBackend._kernels(problem)
-    module = compiler.load_module(KERNELS / source, names, caps.compute_capability)
-    scale_log2 = cupy.float32((abs(problem.scale) or 1.0) * LOG2E)  # the scale _positive_scale leaves
-    lse_shape = (problem.batch, problem.heads_q, problem.seqlen_q)
-    out_shape = ((problem.batch, problem.heads_q, problem.seqlen_q, problem.head_dim_v) if problem.layout == "bhsd"
-                 else (problem.batch, problem.seqlen_q, problem.heads_q, problem.head_dim_v))
-    if _decoding(problem):
         groups = _decode_groups(problem)
-        resident = (caps.sm_count or 1) * DECODE_BLOCKS_PER_SM
+        resident = (capabilities(device).sm_count or 1) * DECODE_BLOCKS_PER_SM
         # As many splits as give every resident block work, when the groups alone do not.
         splits = max(1, min(resident // groups, problem.seqlen_k // DECODE_MIN_KEYS_PER_SPLIT))
         tile = DECODE_WARP_KEYS * DECODE_WARPS
         keys_per_split = _cdiv(_cdiv(problem.seqlen_k, splits), tile) * tile
         splits = _cdiv(problem.seqlen_k, keys_per_split)
-        rows = problem.batch * problem.heads_q * problem.seqlen_q
-        plan = _LaunchPlan(
-            kernel=module.function(names[int(splits > 1)]),
-            grid=(splits, problem.batch * problem.heads_kv, _cdiv(problem.seqlen_q * problem.group_size, 16)),
-            block=(DECODE_WARPS * 32,), shared=decode_shared_bytes(problem.head_dim),
-            out_shape=out_shape, lse_shape=lse_shape,
-            sizes=(cupy.int32(problem.batch), cupy.int32(problem.seqlen_q), cupy.int32(problem.seqlen_k),
-                   cupy.int32(problem.heads_kv), cupy.int32(problem.group_size), cupy.int32(keys_per_split),
-                   cupy.bool_(problem.causal), scale_log2),
-            counters=groups, partial_floats=splits * rows * (problem.head_dim_v + 1) if splits > 1 else 0,
-            partial_lse_offset=splits * rows * problem.head_dim_v * 4)
-    else:
-        plan = _LaunchPlan(
-            kernel=module.function(names[int(problem.causal)]),
-            grid=(problem.batch * problem.heads_q, _cdiv(problem.seqlen_q, _forward_block_m())),
-            block=(FORWARD_WARPS * 32,), shared=forward_shared_bytes(problem.head_dim),
-            out_shape=out_shape, lse_shape=lse_shape,
-            sizes=(cupy.int32(problem.seqlen_q), cupy.int32(problem.seqlen_k), cupy.int32(problem.heads_q),
-                   cupy.int32(problem.group_size), scale_log2))
-    _allow_shared(plan.kernel, plan.shared)
-    if len(_plans) >= MAX_PLANS:
-        _plans.clear()
-    _plans[problem] = plan
-    return plan
+        extra = [cupy.uint64(0)] * 3
+        if splits > 1:
+            # One buffer for both partial results: (splits, rows, D) outputs, then (splits, rows)
+            # LSEs. It is freed when forward() returns: PyTorch's allocator reuses its memory for
+            # later work on this stream only, which runs after the kernel has read it.
+            rows = problem.batch * problem.heads_q * problem.seqlen_q
+            partials = torch.empty(splits * rows * (problem.head_dim_v + 1), dtype=torch.float32, device=device)
+            counters = _split_counters(stream, device, groups)
+            extra = [cupy.uint64(partials.data_ptr()), cupy.uint64(partials.data_ptr() + splits * rows * problem.head_dim_v * 4),
+                     cupy.uint64(counters.data_ptr())]
+        grid = (splits, problem.batch * problem.heads_kv, _cdiv(problem.seqlen_q * problem.group_size, 16))
+        _kernel(problem, device, int(splits > 1))(
+            grid, (DECODE_WARPS * 32,),
+            (*pointers, *extra, *strides, cupy.int32(problem.batch), cupy.int32(problem.seqlen_q),
+             cupy.int32(problem.seqlen_k), cupy.int32(problem.heads_kv), cupy.int32(problem.group_size),
+             cupy.int32(keys_per_split), cupy.bool_(problem.causal), scale_log2),
+            shared_mem=decode_shared_bytes(problem.head_dim), stream=stream)
+
+
+# (device index, dtype, head dim, decoding, which of the module's kernels) -> the kernel, its
+# shared memory opted into. A tuple key rather than the problem: a decoding KV cache grows by a
+# key per step, and every step must find its kernel without compiling, hashing paths or
+# converting names again (tens of microseconds of a decoding call's host time).
+_ready_kernels: dict[tuple, object] = {}
+
+
+def _kernel(problem: Problem, device: torch.device, which: int):
+    key = (device.index, problem.dtype, problem.head_dim, _decoding(problem), which)
+    kernel = _ready_kernels.get(key)
+    if kernel is None:
+        from . import compiler
+
+        source, names = CudaBackend._kernels(problem)
+        kernel = compiler.load_module(KERNELS / source, names, capabilities(device).compute_capability).function(names[which])
+        shared = decode_shared_bytes(problem.head_dim) if _decoding(problem) else forward_shared_bytes(problem.head_dim)
+        if shared > 48 * 1024:  # dynamic shared memory above 48 KiB must be opted into
+            kernel.max_dynamic_shared_size_bytes = shared
+        _ready_kernels[key] = kernel
+    return kernel
 
 
 def _current_stream_handle(device: torch.device) -> int:
@@ -311,13 +291,3 @@ def _split_counters(stream, device: torch.device, count: int) -> torch.Tensor:
     if counters is None or counters.numel() < count:
         counters = _counters[key] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
     return counters
-
-
-_opted_in: dict[int, int] = {}  # id(kernel) -> dynamic shared memory it may use (kernels live as long as their module)
-
-
-def _allow_shared(kernel, size: int) -> None:
-    """Dynamic shared memory above 48 KiB must be opted into, once per kernel."""
-    if size > 48 * 1024 and _opted_in.get(id(kernel), 0) < size:
-        kernel.max_dynamic_shared_size_bytes = size
-        _opted_in[id(kernel)] = size
