@@ -101,6 +101,17 @@ def _options(causal, window, softcap, scale, layout, cu_seqlens_q, cu_seqlens_k,
                 cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, return_lse=return_lse)
 
 
+def _precision(precision, q, needs_grad: bool) -> str | None:
+    """The argument, else the policy's precision for calls it may apply to (float16/bfloat16
+    inputs, no gradient: FP8 is forward only), else None (native, or fp8 for float8 inputs)."""
+    if precision is not None:
+        return precision
+    policy = _policy.active_policy()
+    if policy.precision != "native" and not needs_grad and getattr(q, "dtype", None) in (torch.float16, torch.bfloat16):
+        return policy.precision
+    return None
+
+
 def _decide(q, k, v, problem, options, backend):
     forced, forced_by = _forced(backend)
     measure = _measurer(q, k, v, options.get("cu_seqlens_q"), options.get("cu_seqlens_k"))
@@ -123,6 +134,10 @@ def attention(
     max_seqlen_k: int | None = None,
     return_lse: bool = False,
     backend: str | tuple[str | None, str | None] | None = None,
+    precision: str | None = None,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
 ):
     """Exact scaled dot-product attention, softmax(q k^T * scale) v, on the fastest backend that can run it.
 
@@ -144,10 +159,19 @@ def attention(
     `backend` forces a backend by name (or a (forward, backward) pair); so does the environment
     variable FLASHDISPATCH_BACKEND ("name" or "forward,backward"). A forced backend that cannot
     run the problem raises `NoBackendError` with its reasons. Bad arguments raise `ValueError`.
+
+    FP8 (forward only, Hopper): `precision="fp8"` with float16/bfloat16 q, k, v quantizes them to
+    float8_e4m3fn (one scale per block of rows, Q and K rotated by a random-sign Hadamard matrix
+    first; see the policy's `fp8` key) and runs both matmuls in FP8: faster, and no longer exact,
+    so no backend does it unless asked (here, or by the policy's `precision: fp8` for calls that
+    need no gradient). Pre-quantized float8_e4m3fn q, k, v imply it; they may come with float32
+    (B, Hkv) `q_descale`, `k_descale`, `v_descale` (what each tensor was divided by; None: 1) as
+    FlashAttention-3 takes them, and give a bfloat16 output.
     """
     needs_grad = torch.is_grad_enabled() and (
         getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False) or getattr(v, "requires_grad", False))
     deterministic = torch.are_deterministic_algorithms_enabled()
+    descales = (q_descale, k_descale, v_descale)
     decision = None
     if cu_seqlens_q is None and cu_seqlens_k is None:
         # Hot path: everything that validation and selection depend on, in one hashable key.
@@ -156,13 +180,16 @@ def attention(
             key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
                    causal, type(causal), window if window is None else (tuple(window), tuple(map(type, window))),
                    softcap, type(softcap), scale, type(scale), layout, return_lse, needs_grad, deterministic, backend,
-                   os.environ.get(BACKEND_ENV), max_seqlen_q, max_seqlen_k)
+                   os.environ.get(BACKEND_ENV), max_seqlen_q, max_seqlen_k, precision,
+                   *(None if d is None else (type(d), getattr(d, "shape", None), getattr(d, "dtype", None),
+                                             getattr(d, "device", None)) for d in descales))
             decision = _decisions.get(key)
         except (AttributeError, TypeError):  # not tensors, or unhashable options: validation explains
             key = None
         if decision is None:
             options = _options(causal, window, softcap, scale, layout, None, None, max_seqlen_q, max_seqlen_k, return_lse)
-            problem = build_problem(q, k, v, **options, needs_grad=needs_grad, deterministic=deterministic)
+            problem = build_problem(q, k, v, **options, needs_grad=needs_grad, deterministic=deterministic,
+                                    precision=_precision(precision, q, needs_grad), descales=descales)
             decision = _decide(q, k, v, problem, options, backend)
             if key is not None:
                 _remember(key, decision)
@@ -170,14 +197,18 @@ def attention(
         # Variable-length batches are validated every call: the offsets change from batch to batch.
         options = _options(causal, window, softcap, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                            max_seqlen_k, return_lse)
-        problem = build_problem(q, k, v, **options, needs_grad=needs_grad, deterministic=deterministic)
+        problem = build_problem(q, k, v, **options, needs_grad=needs_grad, deterministic=deterministic,
+                                precision=_precision(precision, q, needs_grad), descales=descales)
         key = (problem, _forced(backend), os.environ.get(BACKEND_ENV))
         decision = _decisions.get(key)
         if decision is None:
             decision = _decide(q, k, v, problem, options, backend)
             _remember(key, decision)
 
-    if decision.backward is None:
+    if decision.problem.precision == "fp8":  # forward only; the FP8 backend takes the descales
+        out, lse = decision.forward.backend.forward(q, k, v, decision.problem, cu_seqlens_q, cu_seqlens_k,
+                                                    descales=descales)
+    elif decision.backward is None:
         out, lse = decision.forward.backend.forward(q, k, v, decision.problem, cu_seqlens_q, cu_seqlens_k)
     else:
         out, lse = _AttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, decision)
@@ -185,7 +216,8 @@ def attention(
 
 
 def explain(q, k, v, *, causal=False, window=None, softcap=None, scale=None, layout="bhsd", cu_seqlens_q=None,
-            cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, return_lse=False, backend=None) -> Explanation:
+            cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, return_lse=False, backend=None, precision=None,
+            q_descale=None, k_descale=None, v_descale=None) -> Explanation:
     """Report every registered backend against this call: supported or why not, and which backends
     would run the forward and the backward (as if a gradient were needed), and why.
 
@@ -193,7 +225,8 @@ def explain(q, k, v, *, causal=False, window=None, softcap=None, scale=None, lay
     """
     options = _options(causal, window, softcap, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        return_lse)
-    problem = build_problem(q, k, v, **options, needs_grad=True, deterministic=torch.are_deterministic_algorithms_enabled())
+    problem = build_problem(q, k, v, **options, needs_grad=True, deterministic=torch.are_deterministic_algorithms_enabled(),
+                            precision=_precision(precision, q, needs_grad=False), descales=(q_descale, k_descale, v_descale))
     forced, forced_by = _forced(backend)
     measure = _measurer(q, k, v, options.get("cu_seqlens_q"), options.get("cu_seqlens_k"))
     return explain_problem(problem, capabilities(q.device), forced, forced_by, measure)

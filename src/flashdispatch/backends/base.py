@@ -43,6 +43,7 @@ class Support:
     backward: bool = False
     deterministic_forward: bool = True
     deterministic_backward: bool = False
+    precisions: tuple[str, ...] = ("native",)  # "fp8": FP8 matmuls, run only when a call asks for them
 
     def reasons(self, problem: Problem, caps: Capabilities) -> list[str]:
         """Why this declared support does not cover `problem` on `caps`' device (empty: it does)."""
@@ -57,6 +58,12 @@ class Support:
             if self.max_compute_capability and cc > self.max_compute_capability:
                 top = self.max_compute_capability
                 out.append(f"supports compute capability <= {top[0]}.{top[1]}, this GPU is {cc[0]}.{cc[1]}")
+        if problem.precision not in self.precisions:
+            if problem.precision == "native":
+                out.append("computes in FP8, which changes the numerics: runs only when precision='fp8' is asked for "
+                           "(the precision= argument or the policy's precision key)")
+            else:
+                out.append(f"precision={problem.precision!r} not supported (computes in the inputs' own precision)")
         if problem.dtype not in self.dtypes:
             names = ", ".join(_dtype_name(d) for d in self.dtypes)
             out.append(f"dtype {_dtype_name(problem.dtype)} not supported (supports {names})")

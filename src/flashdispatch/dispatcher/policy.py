@@ -19,7 +19,8 @@ DEFAULT_POLICY_FILE = Path(__file__).with_name("default_policy.yaml")
 DIRECTIONS = ("forward", "backward", "decode")
 # A forward with at most this many queries per sequence is ranked by "decode" (falling back to "forward").
 DECODE_MAX_SEQLEN_Q = 16
-TOP_LEVEL_KEYS = ("autotune", "rankings")
+TOP_LEVEL_KEYS = ("autotune", "rankings", "precision", "fp8")
+FP8_KEYS = ("rotation", "seed")
 WILDCARD = "*"
 
 
@@ -31,6 +32,9 @@ class Policy:
     autotune: bool
     source: str  # where it came from, for explain()
     fallback: "Policy | None" = field(default=None, repr=False)  # the shipped policy under a user one
+    precision: str = "native"  # for calls that pass no precision= ("fp8" opts every such call into FP8)
+    fp8_rotation: bool = True  # random-sign Hadamard rotation of Q and K before quantizing them
+    fp8_seed: int = 0  # the rotation's signs
 
     def ranking(self, caps: Capabilities, direction: str) -> tuple[list[str], str]:
         """(names in preference order, "key.direction in source") for this device and direction.
@@ -103,7 +107,20 @@ def parse(data, source: str, fallback: Policy | None = None) -> Policy:
         for direction, names in directions.items():
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise ValueError(f"{source}: rankings.{key}.{direction} must be a list of backend names, got {names!r}")
-    return Policy(rankings=rankings, autotune=autotune, source=source, fallback=fallback)
+    precision = data.get("precision", "native" if fallback is None else fallback.precision)
+    if precision not in ("native", "fp8"):
+        raise ValueError(f"{source}: precision must be 'native' or 'fp8', got {precision!r}")
+    fp8 = data.get("fp8") or {}
+    if not isinstance(fp8, dict) or set(fp8) - set(FP8_KEYS):
+        raise ValueError(f"{source}: fp8 must map {list(FP8_KEYS)} to values, got {fp8!r}")
+    rotation = fp8.get("rotation", True if fallback is None else fallback.fp8_rotation)
+    seed = fp8.get("seed", 0 if fallback is None else fallback.fp8_seed)
+    if not isinstance(rotation, bool):
+        raise ValueError(f"{source}: fp8.rotation must be true or false, got {rotation!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{source}: fp8.seed must be an int >= 0, got {seed!r}")
+    return Policy(rankings=rankings, autotune=autotune, source=source, fallback=fallback, precision=precision,
+                  fp8_rotation=rotation, fp8_seed=seed)
 
 
 def shipped_policy() -> Policy:

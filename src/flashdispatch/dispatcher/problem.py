@@ -15,6 +15,8 @@ import torch
 
 LAYOUTS = ("bhsd", "bshd")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FP8_DTYPE = torch.float8_e4m3fn  # pre-quantized inputs (precision "fp8")
+PRECISIONS = ("native", "fp8")  # native: the inputs' precision; fp8: e4m3 matmuls (changes numerics)
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Problem:
     return_lse: bool = False
     deterministic: bool = False
     mask_dropped: bool = False  # a causal mask or window was given that hides no key, so it was dropped
+    precision: str = "native"  # one of PRECISIONS
 
     @property
     def varlen(self) -> bool:
@@ -93,6 +96,8 @@ class Problem:
             parts.append("(mask hides no key: dropped)")
         if self.softcap:
             parts.append(f"softcap={self.softcap:g}")
+        if self.precision != "native":
+            parts.append(f"precision={self.precision}")
         if self.needs_grad:
             parts.append("grad")
         return " ".join(parts)
@@ -105,10 +110,10 @@ def _describe_tensor(t: torch.Tensor) -> str:
 def _check_tensor(name: str, t, rank: int, rank_text: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES + (FP8_DTYPE,):
         raise ValueError(
-            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
-            f"got {_describe_tensor(t)}"
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64, or float8_e4m3fn "
+            f"with precision='fp8'), got {_describe_tensor(t)}"
         )
     if t.dim() != rank:
         raise ValueError(f"{name} must have {rank} dimensions {rank_text}, got {_describe_tensor(t)}")
@@ -166,8 +171,13 @@ def build_problem(
     return_lse: bool = False,
     needs_grad: bool = False,
     deterministic: bool = False,
+    precision: str | None = None,
+    descales=(None, None, None),
 ) -> Problem:
-    """Check an attention call's arguments and describe it. Raises `ValueError` on bad input."""
+    """Check an attention call's arguments and describe it. Raises `ValueError` on bad input.
+
+    `precision` None means "native", or "fp8" when q, k and v are float8_e4m3fn; `descales` are
+    the (q, k, v) descale tensors that pre-quantized inputs may come with."""
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     if varlen:
         if cu_seqlens_q is None or cu_seqlens_k is None:
@@ -212,6 +222,7 @@ def build_problem(
         )
     if head_dim == 0:
         raise ValueError(f"head_dim must be at least 1, got q {_describe_tensor(q)}")
+    precision = _check_precision(precision, q.dtype, descales, batch if not varlen else None, heads_kv, q.device)
 
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {causal!r}")
@@ -286,4 +297,30 @@ def build_problem(
         return_lse=return_lse,
         deterministic=deterministic,
         mask_dropped=mask_dropped,
+        precision=precision,
     )
+
+
+def _check_precision(precision, dtype: torch.dtype, descales, batch: int | None, heads_kv: int,
+                     device: torch.device) -> str:
+    """The call's precision; pre-quantized inputs imply "fp8", and only they take descales,
+    float32 (batch, KV heads) as FlashAttention-3 takes them."""
+    if precision is None:
+        precision = "fp8" if dtype == FP8_DTYPE else "native"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} (or None), got {precision!r}")
+    if dtype == FP8_DTYPE and precision != "fp8":
+        raise ValueError(f"q, k and v are float8_e4m3fn, which needs precision='fp8', got precision={precision!r}")
+    for name, t in zip(("q_descale", "k_descale", "v_descale"), descales):
+        if t is None:
+            continue
+        if dtype != FP8_DTYPE:
+            raise ValueError(f"{name} goes with pre-quantized float8_e4m3fn inputs; q, k and v are {dtype}")
+        if batch is None:
+            raise ValueError(f"{name}: pre-quantized inputs are not supported with a variable-length batch")
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != (batch, heads_kv) \
+                or t.device != device:
+            got = _describe_tensor(t) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a float32 tensor of shape (batch, KV heads) = ({batch}, {heads_kv}) "
+                             f"on {device}, got {got}")
+    return precision

@@ -1,0 +1,124 @@
+"""The FP8 attention forward in Triton: FlashAttention-2's loop with both matmuls in float8 e4m3.
+
+Per program: BLOCK_M query rows of one (batch, query head). Q and K arrive as e4m3 with one
+descale per block of rows (the quantization kernel's tile, or one per (batch, KV head) for
+pre-quantized inputs: a stride of 0 across blocks). V arrives transposed, (D, N) per head with N
+contiguous: the B operand of P V is then K-major, the layout Hopper's FP8 wgmma reads from shared
+memory. Per key block j:
+
+    S_j = (Q K_j^T) x q_descale x k_descale_j x scale x log2(e)    e4m3 x e4m3 -> float32
+    P_j = exp2(S_j - running max)                                   float32, in [0, 1]
+    O   = O x exp2(old max - new max) + e4m3(P_j) V_j x v_descale_j e4m3 x e4m3 -> float32
+
+P is rounded to e4m3 for the second matmul as FlashAttention-3 does; the row sums use the float32
+P. With one V descale per head (PER_BLOCK_V false) the product accumulates in place and the
+descale is applied once at the end. Causal masks are bottom-right aligned; key blocks wholly
+visible to the row block skip the mask, wholly masked ones are never visited.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _key_block(acc, row_max, row_sum, q, k_ptrs, v_ptrs, k_descale, v_descale, start_n, q_scale,
+               rows, seqlen_k, shift, MASK: tl.constexpr, CAUSAL: tl.constexpr, PER_BLOCK_V: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """One key block: loads K_j (BLOCK_N, D) and V_j^T (D, BLOCK_N), updates (acc, max, sum)."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    if MASK:  # the last block may pass the end of the keys: read zeros there
+        k = tl.load(k_ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
+        vt = tl.load(v_ptrs, mask=cols[None, :] < seqlen_k, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        vt = tl.load(v_ptrs)
+    block = start_n // BLOCK_N
+    # Scores in the log2 domain, every scale folded into one scalar.
+    s = tl.dot(q, tl.trans(k)) * (q_scale * tl.load(k_descale + block))
+    if MASK:
+        visible = cols[None, :] < seqlen_k
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None] + shift)
+        s = tl.where(visible, s, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(s, 1))
+    # A row that has seen no visible key yet keeps max -inf: shift it by 0, not by -inf.
+    base = tl.where(new_max == float("-inf"), 0.0, new_max)
+    p = tl.math.exp2(s - base[:, None])
+    alpha = tl.math.exp2(row_max - base)
+    row_sum = row_sum * alpha + tl.sum(p, 1)
+    p8 = p.to(vt.dtype)
+    if PER_BLOCK_V:
+        acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt)) * tl.load(v_descale + block)
+    else:
+        acc = tl.dot(p8, tl.trans(vt), acc * alpha[:, None])
+    return acc, new_max, row_sum
+
+
+@triton.jit
+def fp8_attention_forward(
+        Q, K, Vt, Out, Lse, QDescale, KDescale, VDescale,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vd, stride_vn,
+        stride_ob, stride_oh, stride_om, stride_od,
+        stride_qsb, stride_qsh, stride_qsm,
+        stride_ksb, stride_ksh,
+        stride_vsb, stride_vsh,
+        heads_q, group, seqlen_q, seqlen_k, scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, PER_BLOCK_V: tl.constexpr):
+    # Grid: (query blocks, batch x query heads).
+    m_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads_q
+    h = bh % heads_q
+    h_kv = h // group
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+
+    # Q tile (BLOCK_M, D), e4m3, and this row block's descale.
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+                mask=rows[:, None] < seqlen_q, other=0.0)
+    q_scale = tl.load(QDescale + b * stride_qsb + h * stride_qsh + m_block * stride_qsm) * scale * LOG2E
+    # Descales are float32 (B, H, blocks) with unit block stride: key block j's is k_descale + j.
+    k_descale = KDescale + b * stride_ksb + h_kv * stride_ksh
+    v_descale = VDescale + b * stride_vsb + h_kv * stride_vsh
+    k_ptrs = K + b * stride_kb + h_kv * stride_kh + tl.arange(0, BLOCK_N)[:, None] * stride_kn + dims[None, :] * stride_kd
+    v_ptrs = Vt + b * stride_vb + h_kv * stride_vh + dims[:, None] * stride_vd + tl.arange(0, BLOCK_N)[None, :] * stride_vn
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # Key blocks: [0, full_end) are visible to every row of the block (no mask), [full_end, end)
+    # partly (causal diagonal, or the ragged end of the keys).
+    shift = seqlen_k - seqlen_q
+    end = seqlen_k
+    if CAUSAL:
+        end = tl.minimum(end, tl.minimum(m_block * BLOCK_M + BLOCK_M, seqlen_q) + shift)
+        full_end = tl.maximum(tl.minimum(m_block * BLOCK_M + 1 + shift, end), 0) // BLOCK_N * BLOCK_N
+    else:
+        full_end = seqlen_k // BLOCK_N * BLOCK_N
+    end = tl.maximum(end, 0)
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, row_max, row_sum = _key_block(acc, row_max, row_sum, q, k_ptrs + start_n * stride_kn,
+                                           v_ptrs + start_n * stride_vn, k_descale, v_descale, start_n, q_scale,
+                                           rows, seqlen_k, shift, False, CAUSAL, PER_BLOCK_V, BLOCK_N)
+    for start_n in range(full_end, end, BLOCK_N):
+        acc, row_max, row_sum = _key_block(acc, row_max, row_sum, q, k_ptrs + start_n * stride_kn,
+                                           v_ptrs + start_n * stride_vn, k_descale, v_descale, start_n, q_scale,
+                                           rows, seqlen_k, shift, True, CAUSAL, PER_BLOCK_V, BLOCK_N)
+
+    # Normalise; a row that saw no key gets 0 and LSE -inf.
+    if not PER_BLOCK_V:
+        acc = acc * tl.load(v_descale)
+    seen = row_sum > 0.0
+    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
+    lse = tl.where(seen, (row_max + tl.math.log2(tl.where(seen, row_sum, 1.0))) * LN2, float("-inf"))
+    row_ok = rows < seqlen_q
+    tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(Lse + bh * seqlen_q + rows, lse, mask=row_ok)
