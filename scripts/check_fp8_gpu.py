@@ -53,7 +53,7 @@ def plain_fp8_math(q, k, v, causal, scale):
 
 def exact() -> int:
     from flashdispatch import attention
-    from flashdispatch.backends.fp8_hopper import BLOCK_M, block_n
+    from flashdispatch.backends.fp8_hopper import tiles
     from flashdispatch.backends.fp8_hopper.quantize import quantize, random_signs
 
     failures = checks = 0
@@ -70,8 +70,9 @@ def exact() -> int:
                 # What the kernel sees, dequantized: the rotated, block-quantized Q and K, and V.
                 signs = random_signs(d, 0, "cuda")
                 seen = []
-                for t, rows, rotate, transpose in ((q, BLOCK_M, True, False), (k, block_n(d), True, False),
-                                                   (v, block_n(d), False, True)):
+                block_m, block_n, _, _ = tiles(d, causal)
+                for t, rows, rotate, transpose in ((q, block_m, True, False), (k, block_n, True, False),
+                                                   (v, block_n, False, True)):
                     x8, descale = quantize(t, rows, signs if rotate else None, transpose=transpose)
                     x = x8.double()
                     if transpose:
@@ -147,6 +148,22 @@ def accuracy() -> int:
     return 0 if ok else 1
 
 
+def _disassemble(cubin: bytes) -> str:
+    """cuobjdump -sass of a CUBIN (Triton 3.6 keeps no SASS of its own)."""
+    import glob
+    import shutil
+    import subprocess
+    import tempfile
+
+    tool = shutil.which("cuobjdump") or next(iter(sorted(glob.glob("/usr/local/cuda*/bin/cuobjdump"))), None)
+    if tool is None:
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+
+
 def sass() -> int:
     import re
 
@@ -161,12 +178,12 @@ def sass() -> int:
     out = torch.empty(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16)
     lse = torch.empty(1, 2, 256, device="cuda")
     scales = torch.ones(1, 2, 2, device="cuda")
-    compiled = fp8_attention_forward[(triton.cdiv(256, fp8_hopper.BLOCK_M), 2)](
+    rows, keys, warps, stages = fp8_hopper.tiles(128, False)
+    compiled = fp8_attention_forward[(triton.cdiv(256, rows), 2)](
         q, k, vt, out, lse, scales, scales, scales, *q.stride(), *k.stride(), *vt.stride(), *out.stride(),
         *scales.stride(), *scales.stride()[:2], *scales.stride()[:2], 2, 1, 256, 256, 0.1,
-        HEAD_DIM=128, BLOCK_M=fp8_hopper.BLOCK_M, BLOCK_N=fp8_hopper.block_n(128), CAUSAL=False, PER_BLOCK_V=True,
-        num_warps=fp8_hopper.NUM_WARPS, num_stages=fp8_hopper.NUM_STAGES)
-    text = compiled.asm.get("sass") or ""
+        HEAD_DIM=128, BLOCK_M=rows, BLOCK_N=keys, CAUSAL=False, PER_BLOCK_V=True, num_warps=warps, num_stages=stages)
+    text = compiled.asm.get("sass") or _disassemble(compiled.asm["cubin"])
     ops = re.findall(r"\b(QGMMA|HGMMA|HMMA|QMMA|IMMA)\.[\w.]+", text)
     kinds = sorted(set(ops))
     print(f"sass: {len(text.splitlines())} lines; matmul instructions: "

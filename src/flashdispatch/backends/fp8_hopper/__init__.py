@@ -40,14 +40,17 @@ SUPPORT = Support(
     precisions=("fp8",),
 )
 HEAD_DIMS = (64, 128, 256)
-BLOCK_M = 128  # query rows per program, and Q's quantization block
-NUM_WARPS = 8
-NUM_STAGES = 3
 
 
-def block_n(head_dim: int) -> int:
-    """Keys per tile, and K's and V's quantization block: 64 at D = 256 keeps the tiles in registers."""
-    return 64 if head_dim > 128 else 128
+def tiles(head_dim: int, causal: bool) -> tuple[int, int, int, int]:
+    """(query rows, keys, warps, pipeline stages) per program; the rows and keys are also the
+    quantization blocks of Q and of K and V. From a sweep on the H100 (D = 128 / 64, N = 16k:
+    docs/notes/fp8.md): 128 x 128 keys with 4 warps non-causal (768 TFLOP/s at D = 128, 8 warps
+    636), 64 rows causal (773; 128 rows with 4 warps fell to 376); D = 256 keeps its 128 x 64
+    tile in registers with 8 warps."""
+    if head_dim > 128:
+        return 128, 64, 8, 3
+    return (64 if causal else 128), 128, 4, 3
 
 
 def _interpreting() -> bool:
@@ -113,8 +116,8 @@ class Fp8HopperBackend(Backend):
         else:
             rotation = (f"Q and K rotated by a random-sign Hadamard matrix (seed {policy.fp8_seed})"
                         if policy.fp8_rotation else "no rotation (the policy's fp8.rotation is off)")
-            how = (f"quantized to float8_e4m3fn with one scale per {BLOCK_M} query rows and per "
-                   f"{block_n(problem.head_dim)} keys per head; {rotation}")
+            rows, keys, _, _ = tiles(problem.head_dim, problem.causal)
+            how = f"quantized to float8_e4m3fn with one scale per {rows} query rows and per {keys} keys per head; {rotation}"
         return [f"FP8 matmuls (precision='fp8' was asked for: not exact, FP8 rounds Q, K, V and P to 3 mantissa bits); "
                 f"{how}", "forward only: no FP8 backward"]
 
@@ -126,8 +129,9 @@ class Fp8HopperBackend(Backend):
         q, k, v = (to_bhsd(t, problem.layout) for t in (q, k, v))  # (B, H, N, D) views
         batch, heads_q, seqlen_q, head_dim = q.shape
         heads_kv, seqlen_k = k.shape[1], k.shape[2]
-        group, keys = problem.group_size, block_n(head_dim)
-        q_blocks, k_blocks = triton.cdiv(seqlen_q, BLOCK_M), triton.cdiv(seqlen_k, keys)
+        group = problem.group_size
+        rows, keys, warps, stages = tiles(head_dim, problem.causal)
+        q_blocks, k_blocks = triton.cdiv(seqlen_q, rows), triton.cdiv(seqlen_k, keys)
         device = q.device
         if problem.dtype == FP8_DTYPE:
             q_descale, k_descale, v_descale = descales
@@ -142,7 +146,7 @@ class Fp8HopperBackend(Backend):
             from .quantize import quantize
 
             signs = _rotation_signs(head_dim, device)
-            q8, q_scales = quantize(q, BLOCK_M, signs)
+            q8, q_scales = quantize(q, rows, signs)
             k8, k_scales = quantize(k, keys, signs)
             vt, v_scales = quantize(v, keys, None, transpose=True)
             out_dtype, per_block_v = q.dtype, True
@@ -153,6 +157,6 @@ class Fp8HopperBackend(Backend):
             *q8.stride(), *k8.stride(), *vt.stride(), *out.stride(),
             *q_scales.stride(), *k_scales.stride()[:2], *v_scales.stride()[:2],
             heads_q, group, seqlen_q, seqlen_k, problem.scale,
-            HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=keys, CAUSAL=problem.causal, PER_BLOCK_V=per_block_v,
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+            HEAD_DIM=head_dim, BLOCK_M=rows, BLOCK_N=keys, CAUSAL=problem.causal, PER_BLOCK_V=per_block_v,
+            num_warps=warps, num_stages=stages)
         return from_bhsd(out, problem.layout), lse
