@@ -9,7 +9,7 @@
 The FP8 rule: the inputs are rounded through FP8 first (the references see exactly what the kernel
 sees), and the kernel's max error against float64 must be at most 2x that of plain math in the
 same precision (scores in float32 from the FP8 inputs, P rounded to e4m3 before P V, as the kernel
-does) plus 1e-3 x the output's scale. Run from the repository root with PYTHONPATH=src:scripts.
+does) plus 1e-3 x the output's scale; the LSE within LSE_TOLERANCE x the largest |score|. Run from the repository root with PYTHONPATH=src:scripts.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ import sys
 import torch
 
 FP8 = torch.float8_e4m3fn
+# The LSE's tolerance, relative to the largest |scaled score| (at least 1): Hopper's FP8 wgmma
+# keeps about 14 mantissa bits while it accumulates (DeepSeek-V3's measurement), so the scores,
+# and the LSE built on them, carry errors in proportion to their size, not float32's.
+LSE_TOLERANCE = 2e-3
 
 
 def reference(q, k, v, causal, scale):
@@ -33,7 +37,7 @@ def reference(q, k, v, causal, scale):
         visible = torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None] + nk - nq
         s = s.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(s, -1)
-    return torch.exp(s - lse[..., None]).nan_to_num(0.0) @ v, lse
+    return torch.exp(s - lse[..., None]).nan_to_num(0.0) @ v, lse, s.masked_fill(s.isinf(), 0).abs().max().item()
 
 
 def plain_fp8_math(q, k, v, causal, scale):
@@ -48,7 +52,7 @@ def plain_fp8_math(q, k, v, causal, scale):
         s = s.masked_fill(~visible, float("-inf"))
     top = s.amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
     p = torch.exp(s - top)
-    return (p.to(FP8).float() @ v) / p.sum(-1, keepdim=True).clamp_min(1e-30)
+    return ((p * 256).to(FP8).float() / 256 @ v) / p.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
 def exact() -> int:
@@ -91,16 +95,16 @@ def exact() -> int:
                                      v_descale=descales[2], return_lse=True, layout="bhsd" if way != "bshd" else "bshd")
                 if way == "bshd":
                     out = out.transpose(1, 2)
-            ref, ref_lse = reference(*seen, causal, scale)
+            ref, ref_lse, top = reference(*seen, causal, scale)
             base = (plain_fp8_math(*seen, causal, scale).double() - ref).abs().max().item()
             err = (out.double() - ref).abs().max().item()
             lse_err = (lse.double() - ref_lse).abs().nan_to_num(0.0).max().item()
             floor = 1e-3 * ref.abs().max().item()
-            ok = bool(torch.isfinite(out).all()) and err <= 2 * base + floor and lse_err < 1e-3
+            ok = bool(torch.isfinite(out).all()) and err <= 2 * base + floor and lse_err <= LSE_TOLERANCE * max(1.0, top)
             checks += 1
             failures += not ok
             print(f"exact: {'ok  ' if ok else 'FAIL'} {way:13s} B={b} H={hq}/{hkv} N={nq}/{nk} D={d} causal={causal}: "
-                  f"err {err:.2e} (plain FP8 math {base:.2e}), lse err {lse_err:.1e}", flush=True)
+                  f"err {err:.2e} (plain FP8 math {base:.2e}), lse err {lse_err:.1e} (max |score| {top:.1f})", flush=True)
     print(f"exact: {checks} checks, {failures} failed", flush=True)
     return 1 if failures else 0
 
@@ -120,7 +124,7 @@ def accuracy() -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     b, h, n, d = 4, 16, 4096, 128
     q, k, v = (outliers((b, h, n, d), gen).bfloat16() for _ in range(3))
-    ref, _ = reference(*(t.double() for t in (q, k, v)), False, 1 / math.sqrt(d))
+    ref, _, _ = reference(*(t.double() for t in (q, k, v)), False, 1 / math.sqrt(d))
 
     def rmse(out):
         return (out.double() - ref).pow(2).mean().sqrt().item()

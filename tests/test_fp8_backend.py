@@ -35,7 +35,7 @@ def _reference(q8, k8, v8, descales, causal):
                           float("-inf"))
     ref = torch.softmax(s, -1).nan_to_num(0.0) @ v
     p = torch.exp(s.float() - s.float().amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0))
-    plain = ((p.to(FP8).float() @ v.float()) / p.sum(-1, keepdim=True)).nan_to_num(0.0)  # rows that see no key: 0
+    plain = (((p * 256).to(FP8).float() / 256 @ v.float()) / p.sum(-1, keepdim=True)).nan_to_num(0.0)  # rows that see no key: 0
     return ref, torch.logsumexp(s, -1), plain.bfloat16()
 
 
@@ -120,6 +120,8 @@ def test_gpu_fp8_meets_the_fp8_rule(d, causal):
     ref, ref_lse, plain = _reference(q8, k8, v8, descales, causal)
     err, base = (out.double() - ref).abs().max().item(), (plain.double() - ref).abs().max().item()
     assert err <= 2 * base + 1e-3 * ref.abs().max().item(), (err, base)
-    assert (lse.double() - ref_lse).abs().nan_to_num(0.0).max() < 1e-3
+    # Hopper's FP8 wgmma accumulates with about 14 mantissa bits: LSE errors grow with the scores.
+    top = (ref_lse.masked_fill(ref_lse.isinf(), 0).abs().max().item())
+    assert (lse.double() - ref_lse).abs().nan_to_num(0.0).max() <= 2e-3 * max(1.0, top)
     notes = " ".join(explain(q8, k8, v8, causal=causal).notes["fp8-hopper"])
     assert "FP8 matmuls" in notes and "forward only" in notes

@@ -7,12 +7,13 @@ contiguous: the B operand of P V is then K-major, the layout Hopper's FP8 wgmma 
 memory. Per key block j:
 
     S_j = (Q K_j^T) x q_descale x k_descale_j x scale x log2(e)    e4m3 x e4m3 -> float32
-    P_j = exp2(S_j - running max)                                   float32, in [0, 1]
+    P_j = exp2(S_j - running max + 8)                               float32, in [0, 256]
     O   = O x exp2(old max - new max) + e4m3(P_j) V_j x v_descale_j e4m3 x e4m3 -> float32
 
-P is rounded to e4m3 for the second matmul as FlashAttention-3 does; the row sums use the float32
-P. With one V descale per head (PER_BLOCK_V false) the product accumulates in place and the
-descale is applied once at the end. Causal masks are bottom-right aligned; key blocks wholly
+P is rounded to e4m3 for the second matmul as FlashAttention-3 does, scaled by 2^8 so that small
+probabilities stay normal numbers (P_SHIFT); the row sums use the float32 P. With one V descale
+per head (PER_BLOCK_V false) the product accumulates in place and the descale is applied once at
+the end. Causal masks are bottom-right aligned; key blocks wholly
 visible to the row block skip the mask, wholly masked ones are never visited.
 """
 
@@ -21,6 +22,11 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# P is computed as 2^P_SHIFT x exp2(S - max), in [0, 256], before its rounding to e4m3: below 2^-6
+# e4m3 is subnormal (fixed steps of 2^-9), so the many small probabilities of a long row would
+# lose most of their digits; shifted, every P above 2^-14 keeps e4m3's 3 mantissa bits. The row
+# sums carry the same factor, so the normalisation cancels it, and the LSE subtracts it.
+P_SHIFT = tl.constexpr(8.0)
 
 
 @triton.jit
@@ -46,7 +52,7 @@ def _key_block(acc, row_max, row_sum, q, k_ptrs, v_ptrs, k_descale, v_descale, s
     new_max = tl.maximum(row_max, tl.max(s, 1))
     # A row that has seen no visible key yet keeps max -inf: shift it by 0, not by -inf.
     base = tl.where(new_max == float("-inf"), 0.0, new_max)
-    p = tl.math.exp2(s - base[:, None])
+    p = tl.math.exp2(s - (base[:, None] - P_SHIFT))
     alpha = tl.math.exp2(row_max - base)
     row_sum = row_sum * alpha + tl.sum(p, 1)
     p8 = p.to(vt.dtype)
@@ -117,7 +123,7 @@ def fp8_attention_forward(
         acc = acc * tl.load(v_descale)
     seen = row_sum > 0.0
     out = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    lse = tl.where(seen, (row_max + tl.math.log2(tl.where(seen, row_sum, 1.0))) * LN2, float("-inf"))
+    lse = tl.where(seen, (row_max + tl.math.log2(tl.where(seen, row_sum, 1.0)) - P_SHIFT) * LN2, float("-inf"))
     row_ok = rows < seqlen_q
     tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=row_ok[:, None])
