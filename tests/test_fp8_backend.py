@@ -125,3 +125,12 @@ def test_gpu_fp8_meets_the_fp8_rule(d, causal):
     assert (lse.double() - ref_lse).abs().nan_to_num(0.0).max() <= 2e-3 * max(1.0, top)
     notes = " ".join(explain(q8, k8, v8, causal=causal).notes["fp8-hopper"])
     assert "FP8 matmuls" in notes and "forward only" in notes
+
+
+def test_explain_shows_the_fp8_forward_and_why_no_backward(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (q8, k8, v8), _ = _fp8_inputs()
+    report = explain(q8, k8, v8)
+    assert report.forward == "fp8-hopper" and report.backward is None
+    assert "no backward pass (forward only)" in report.error
+    assert any("FP8 matmuls" in note for note in report.notes["fp8-hopper"])

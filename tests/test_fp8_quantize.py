@@ -293,7 +293,8 @@ for dtype, head_dim, block_rows, rotate in (("bf16", 128, 128, True), ("fp16", 2
     types = {"X": "*" + dtype, "Signs": "*fp32", "Out": "*fp8e4nv", "Descale": "*fp32"}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
     src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm["ptx"]
+    warps = quantize._num_warps(head_dim, block_rows, rotate, rotate)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["ptx"]
     # Round to nearest even, saturating, in hardware; IEEE division (as PyTorch's).
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, (dtype, head_dim)
     assert "div.rn.f32" in ptx and "div.full.f32" not in ptx, (dtype, head_dim)

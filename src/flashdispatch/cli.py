@@ -10,6 +10,7 @@ import time
 import torch
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+VERIFY_DTYPES = {**DTYPES, "fp8": torch.float8_e4m3fn}  # fp8: pre-quantized inputs, for FP8 backends
 
 
 def _default_device() -> str:
@@ -80,7 +81,7 @@ def cmd_explain(args) -> int:
 def cmd_verify(args) -> int:
     from flashdispatch import conformance
 
-    dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else None
+    dtypes = [VERIFY_DTYPES[d] for d in args.dtype] if args.dtype else None
 
     def progress(result):
         if args.verbose or not result.passed and not result.skipped:
@@ -180,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--backend", action="append", help="backend name (repeatable; default: all registered)")
     verify.add_argument("--device", default=_default_device())
     verify.add_argument("--tier", choices=("fast", "full"), default="fast")
-    verify.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable; default: each backend's")
+    verify.add_argument("--dtype", action="append", choices=sorted(VERIFY_DTYPES), help="repeatable; default: each backend's")
     verify.add_argument("--shard", type=_shard, default=None,
                         help="I/N: run part I (0-based) of N disjoint parts, for parallel processes")
     verify.add_argument("--verbose", "-v", action="store_true", help="print every case, not only failures")

@@ -16,6 +16,11 @@ padding past every sequence's end (see `checks.py`; float32 inputs have their ow
 written down and argued in `checks.rule`). A case a backend refuses is skipped with the
 backend's own reasons.
 
+Backends that declare the "fp8" precision are checked on pre-quantized float8_e4m3fn inputs
+(case ids "fp8-..."; forward only) under the FP8 rule written down in `checks.py`: the inputs are
+rounded through FP8 first, so the rule measures the kernel, not the quantization. On a CPU device
+those cases are skipped, with the reason (Triton's CPU interpreter converts to FP8 wrongly).
+
 Selection for the pytest front end is by environment variable, because pytest's own options do
 not reach a test module run with --pyargs:
 
@@ -23,9 +28,10 @@ not reach a test module run with --pyargs:
     FLASHDISPATCH_VERIFY_DEVICE    cpu, cuda or cuda:N (default: cuda if available, else cpu)
     FLASHDISPATCH_VERIFY_TIER      fast (default; small shapes, CPU CI) or full (every head dim,
                                    sequence length 1000; meant for GPUs)
-    FLASHDISPATCH_VERIFY_DTYPES    comma-separated: float16, bfloat16, float32, float64 (or fp16,
-                                   bf16, fp32, fp64); default fp16, bf16, fp32. float64 is only
-                                   checked when asked for.
+    FLASHDISPATCH_VERIFY_DTYPES    comma-separated: float16, bfloat16, float32, float64, float8_e4m3fn
+                                   (or fp16, bf16, fp32, fp64, fp8); default fp16, bf16, fp32, and
+                                   fp8 for backends that declare the "fp8" precision. float64 is
+                                   only checked when asked for.
 
 `run()` reads no environment variable; `settings_from_env()` turns them into its arguments.
 """
@@ -38,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cases import DEFAULT_DTYPES, HEAD_DIMS, TIERS, Case, cases
-from .checks import CaseResult, Measurement, check_case, default_device, poisoned, resolve_device
+from .checks import FP8_CPU_REASON, CaseResult, Measurement, check_case, default_device, poisoned, resolve_device
 
 ENV_BACKENDS = "FLASHDISPATCH_VERIFY_BACKENDS"
 ENV_DEVICE = "FLASHDISPATCH_VERIFY_DEVICE"
@@ -50,10 +56,13 @@ _DTYPES_BY_NAME = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+    # Not "float8": e4m3 or e5m2 would be a guess. FP8 cases are pre-quantized float8_e4m3fn inputs.
+    "float8_e4m3fn": torch.float8_e4m3fn, "fp8": torch.float8_e4m3fn, "e4m3": torch.float8_e4m3fn,
 }
 
 __all__ = [
-    "Case", "CaseResult", "DEFAULT_DTYPES", "ENV_BACKENDS", "ENV_DEVICE", "ENV_DTYPES", "ENV_TIER", "HEAD_DIMS",
+    "Case", "CaseResult", "DEFAULT_DTYPES", "ENV_BACKENDS", "ENV_DEVICE", "ENV_DTYPES", "ENV_TIER", "FP8_CPU_REASON",
+    "HEAD_DIMS",
     "Measurement", "Report", "TIERS", "cases", "check_case", "default_device", "parse_dtypes", "poisoned",
     "resolve_backends", "resolve_device", "run", "settings_from_env",
 ]
@@ -142,9 +151,10 @@ class Report:
         skips = {}  # (backend, reason) -> count: why cases were skipped, in the backends' own words
         for r in self.results:
             if r.skipped:
-                skips[(r.backend, r.reason)] = skips.get((r.backend, r.reason), 0) + 1
+                reason = r.reason if r.skipped_by == "backend" else f"(by the suite) {r.reason}"
+                skips[(r.backend, reason)] = skips.get((r.backend, reason), 0) + 1
         if skips:
-            lines += ["", "skipped, in the backends' words:"]
+            lines += ["", "skipped, in the backends' words (or the suite's):"]
             lines += [f"  {name}: {count} x {reason}" for (name, reason), count in skips.items()]
         for r in self.failures:
             lines += ["", r.message()]
@@ -165,12 +175,14 @@ def shard_of(selected: list[Case], shard: tuple[int, int] | None) -> list[Case]:
     return [c for c in selected if groups[(c.dtype, c.head_dim, c.head_dim_v)] % count == index]
 
 
-def run(backends=None, device=None, tier: str = "fast", dtypes=None, on_result=None, shard=None) -> Report:
+def run(backends=None, device=None, tier: str = "fast", dtypes=None, on_result=None, shard=None,
+        fp8_on_cpu: bool = False) -> Report:
     """Check `backends` (names or objects; default every registered backend) on `device` (default
     cuda if available, else cpu) with the cases of `tier`; `dtypes` as for `cases()`.
 
     `on_result(result)` is called after each case (for progress output). `shard=(index, count)`
-    runs one of `count` disjoint parts of the cases, for parallel processes. Raises ValueError for
+    runs one of `count` disjoint parts of the cases, for parallel processes. `fp8_on_cpu`: run FP8
+    cases on a CPU device too (see `check_case`; by default they are skipped there). Raises ValueError for
     an unknown backend, tier or dtype, or a cuda device on a machine without one.
     """
     if tier not in TIERS:
@@ -182,7 +194,7 @@ def run(backends=None, device=None, tier: str = "fast", dtypes=None, on_result=N
     report = Report(device=str(device), tier=tier)
     for backend in resolve_backends(backends):
         for case in shard_of(cases(backend, tier, device, dtypes), shard):
-            result = check_case(backend, case, device)
+            result = check_case(backend, case, device, fp8_on_cpu=fp8_on_cpu)
             report.results.append(result)
             if on_result is not None:
                 on_result(result)

@@ -15,6 +15,14 @@ variable-length sequences with no keys.
 
 Two tiers: "fast" keeps every shape small (N <= 129, D <= 64) so that the CPU backends run it in
 CI; "full" adds every head dim, sequence length 1000 and larger varlen batches, for GPUs.
+
+Precisions. A backend's `Support.precisions` says which calls it runs: "native" (the inputs' own
+precision: every dtype case above) and "fp8" (FP8 matmuls, run only when a call asks for them).
+A backend that declares "fp8" and the dtype float8_e4m3fn gets the same plan once more with
+pre-quantized inputs: dtype float8_e4m3fn (ids start with "fp8"), random (batch, KV head)
+descales, the problem built with precision="fp8", forward only (the contract has no FP8
+backward). A backend without "native" gets no native-dtype cases (it would refuse them all), and
+one without "fp8" gets no FP8 case. How FP8 cases are filled and checked: `checks.py`.
 """
 
 from __future__ import annotations
@@ -24,13 +32,16 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..dispatcher.problem import FP8_DTYPE
+
 # Head dims that real models use (and 40, 72: not powers of two, where padded kernels slip).
 HEAD_DIMS = (32, 40, 64, 72, 96, 128, 160, 192, 256)
 TIERS = ("fast", "full")
 # Dtypes checked unless others are asked for. float64 is left out: its baseline would be the
 # reference itself, so the exactness rule would degenerate to "bit-equal to float64 math".
 DEFAULT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+               FP8_DTYPE: "fp8"}
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,16 @@ class Case:
         return self.layout == "varlen"
 
     @property
+    def fp8(self) -> bool:
+        """Pre-quantized float8_e4m3fn inputs, run with precision="fp8" (see `checks.py`)."""
+        return self.dtype == FP8_DTYPE
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        """The dtype of the output (and of dout): the inputs' own, bfloat16 for float8 inputs."""
+        return torch.bfloat16 if self.fp8 else self.dtype
+
+    @property
     def lengths(self) -> list[tuple[int, int]]:
         """(Nq, Nk) of every sequence."""
         if self.varlen:
@@ -122,9 +143,16 @@ def make_case(**fields) -> Case:
 
 
 def select_dtypes(support, dtypes=None) -> list[torch.dtype]:
-    """The dtypes to check: those asked for (default fp16, bf16, fp32) that the backend declares."""
+    """The dtypes to check: those asked for (default fp16, bf16, fp32) that the backend declares,
+    if it runs its inputs' own precision ("native" in `support.precisions`); then float8_e4m3fn
+    (pre-quantized inputs), unless other dtypes were asked for, if it declares that dtype and the
+    "fp8" precision."""
+    precisions = getattr(support, "precisions", ("native",))  # a plugin's older Support has none
     wanted = DEFAULT_DTYPES if dtypes is None else tuple(dtypes)
-    return [d for d in wanted if d in support.dtypes]
+    selected = [d for d in wanted if d != FP8_DTYPE and d in support.dtypes] if "native" in precisions else []
+    if "fp8" in precisions and FP8_DTYPE in support.dtypes and (dtypes is None or FP8_DTYPE in wanted):
+        selected.append(FP8_DTYPE)
+    return selected
 
 
 def _head_dim_ok(support, dim: int) -> bool:
@@ -263,9 +291,10 @@ def cases(backend, tier: str = "fast", device=None, dtypes=None) -> list[Case]:
     """The cases to check `backend` on, generated from `backend.support`.
 
     `dtypes`: the dtypes to check (default fp16, bf16, fp32; float64 only when asked), intersected
-    with the declared ones. `device`: where the cases will run; a backend that does not run on
-    that kind of device at all gets one case per dtype, which is skipped with its reason, rather
-    than a page of identical skips.
+    with the declared ones; float8_e4m3fn (FP8 cases, forward only) for a backend that declares
+    the "fp8" precision, by default or when asked (see `select_dtypes`). `device`: where the
+    cases will run; a backend that does not run on that kind of device at all gets one case per
+    dtype, which is skipped with its reason, rather than a page of identical skips.
     """
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
@@ -276,7 +305,8 @@ def cases(backend, tier: str = "fast", device=None, dtypes=None) -> list[Case]:
     out, seen = [], set()
     for dtype in select_dtypes(support, dtypes):
         for fields in plan:
-            case = make_case(dtype=dtype, backward=support.backward, **fields)
+            # FP8 is forward only: there is no FP8 backward in the contract.
+            case = make_case(dtype=dtype, backward=support.backward and dtype != FP8_DTYPE, **fields)
             if case.id not in seen:  # the covering design overlaps itself here and there
                 seen.add(case.id)
                 out.append(case)

@@ -36,10 +36,34 @@ where the baseline happens to be exact (one key: the output is v itself) would d
 bit-exactness from every backend. LSE has the same rule with the baseline's own LSE, and where
 the reference LSE is -inf the backend's must be exactly -inf. float32 inputs, where the kernel
 and the baseline work at the same precision, get 8x and 8 ulps instead (see `rule` for why).
+
+FP8 (backends that declare the "fp8" precision; see `cases.py`): the inputs are rounded through
+FP8 first, so that the rule measures the kernel, not the quantization. q, k, v are the suite's
+random normal data (q times q_scale) clamped to +-448 (torch's cast does not saturate) and
+rounded to float8_e4m3fn, with random float32 descales in [0.5, 1.5) per (batch, KV head); the
+backend gets descales=(q, k, v descales) and must return a bfloat16 out. The reference is
+float64 math on the dequantized inputs (exactly what the kernel sees); the baseline is plain
+math in the kernel's precision: float32 scores, P = exp(s - row max) rounded to e4m3 before
+P V, float32 product and row sum, out rounded to bfloat16 (`oracle.fp8_baseline`). The rule is
+the usual one, 2x the baseline's max error, plus a floor of one bfloat16 eps (2^-7) times
+max(1, max|reference|): FP8 outputs are bfloat16, so the floor is one unit of rounding of the
+output dtype, as for fp16/bf16 cases (floored in the output dtype's eps, not e4m3's 2^-3, which
+would hide real bugs). The 2x is meaningful here because the baseline makes the same dominant
+rounding as a correct kernel (P to 3 mantissa bits, a relative 2^-4 per weight), only in another
+order: a kernel rounds P against its running maximum rather than the final one, which moves
+each weight's rounding but not its size. Quantizing the inputs is not measured (both references
+see the same FP8 values); a forgotten descale or another head's, or an error 10x the baseline's,
+is. (P rounded to e5m2, twice e4m3's step, is not reliably caught: its error is about twice the
+baseline's, the rule's own margin.) The LSE gets the same rule against the float32 baseline's
+LSE, with the same floor, one bfloat16 eps times max(1, max|reference LSE|): not float32's rule,
+because the FP8 tensor-core product Q K^T, though its e4m3 x e4m3 products are exact, is not
+accumulated to float32 precision on Hopper (see `FP8_LSE_FLOOR_ULPS`). On a CPU device FP8 cases
+are skipped (see `FP8_CPU_REASON`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import traceback
@@ -51,9 +75,9 @@ import torch
 
 from ..backends.base import visible_keys
 from ..dispatcher.capabilities import capabilities
-from ..dispatcher.problem import build_problem
+from ..dispatcher.problem import FP8_DTYPE, build_problem
 from .cases import Case
-from .oracle import MathResult, attention_by_math, backward_from_state
+from .oracle import MathResult, attention_by_math, backward_from_state, fp8_baseline, fp8_reference
 
 RULE_FACTOR = 2.0  # the "2x plain PyTorch math" of the exactness rule
 # float32 inputs get their own tolerance (the design asks the suite to write down any such rule,
@@ -70,9 +94,44 @@ RULE_FACTOR = 2.0  # the "2x plain PyTorch math" of the exactness rule
 FLOAT32_FACTOR, FLOAT32_FLOOR_ULPS = 8.0, 8.0
 
 
+# FP8 inputs (pre-quantized float8_e4m3fn, bfloat16 output; the module docstring says why): the
+# rule's 2x the FP8 baseline, plus one eps of bfloat16, the output dtype, at the data's scale. On
+# an H100, fp8-hopper's full tier measured out errors of 0.76-1.16x the baseline's (at most 0.43
+# of this tolerance), while an error of 10x the baseline's fails every case (tests).
+FP8_FACTOR, FP8_FLOOR_ULPS = RULE_FACTOR, 1.0
+FP8_FLOOR_DTYPE = torch.bfloat16
+# The FP8 LSE: 2x the float32 baseline's error plus one eps of bfloat16 (2^-7) times
+# max(1, max|reference LSE|), the same floor as out. float32's rule (8x + 8 float32 ulps) does not
+# hold, because Hopper's FP8 wgmma (QGMMA) does not accumulate Q K^T to float32 precision (about
+# 14 bits are kept, as DeepSeek-V3's report also found): on an H100, fp8-hopper's full tier had
+# LSE errors of 1e-4 to 7.6e-3, up to 4.5e-4 x max(1, |LSE|) (about 2^-11, 3800 float32 ulps,
+# 220x float32's rule), while the scores of exact FP8 products summed in float32 (the baseline)
+# are within 1-3 ulps. Already n=1x1 (LSE = one score) is off by 2^-11 relative. One bfloat16
+# eps leaves about 16x margin over that and still catches LSE bugs: a log2 LSE (1.44x), a
+# forgotten descale (0.5-1.5x), a missing rescale of the running sum are far outside it.
+FP8_LSE_FLOOR_ULPS = 1.0  # in eps(FP8_FLOOR_DTYPE), like out
+# Why FP8 cases are not run on a CPU device. FP8 kernels run there only in Triton's CPU
+# interpreter, whose float32 -> float8e4nv conversion is wrong (Triton 3.6), so a correct kernel
+# fails the rule there. `check_case(..., fp8_on_cpu=True)` runs them anyway, for backends that do
+# not go through Triton's interpreter (the suite's own tests use it).
+FP8_CPU_REASON = ("FP8 cases are not run on a CPU device: FP8 kernels run there in Triton's CPU interpreter, "
+                  "whose float32 -> float8e4nv conversion is wrong near powers of two (Triton 3.6: a lost carry, "
+                  "e.g. 0.1242 becomes 0.0625 instead of 0.125; about 3% of values in [0, 1], some off by 2x), so P's "
+                  "rounding to e4m3, and with it the FP8 rule, cannot hold; they run on CUDA devices")
+
+
 def rule(dtype) -> tuple[float, float]:
-    """(factor, floor in units of eps(dtype)) of the exactness rule for inputs of `dtype`."""
+    """(factor, floor in units of eps(floor_dtype(dtype))) of the exactness rule for inputs of `dtype`."""
+    if dtype == FP8_DTYPE:
+        return FP8_FACTOR, FP8_FLOOR_ULPS
     return (FLOAT32_FACTOR, FLOAT32_FLOOR_ULPS) if dtype == torch.float32 else (RULE_FACTOR, 1.0)
+
+
+def floor_dtype(dtype) -> torch.dtype:
+    """The dtype whose eps is the floor's unit: the inputs' own, bfloat16 (the output's) for FP8."""
+    return FP8_FLOOR_DTYPE if dtype == FP8_DTYPE else dtype
+
+
 PAD_ROWS = 3  # NaN rows past each sequence's end
 # NaN columns past the head dim. 8 elements keep every row stride a multiple of 8, the 16-byte
 # alignment fused kernels require of fp16 rows; a backend may insist on that, not on contiguity.
@@ -120,7 +179,8 @@ class CaseResult:
     device: str
     status: str = "passed"  # "passed", "failed" or "skipped"
     problem: str = ""  # Problem.describe()
-    reasons: list[str] = field(default_factory=list)  # why the backend refused the case
+    reasons: list[str] = field(default_factory=list)  # why the backend (or the suite) skipped the case
+    skipped_by: str = "backend"  # "backend": it refused the case; "suite": the suite does not run it here
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. "backward not checked: ..."
     measurements: list[Measurement] = field(default_factory=list)
@@ -231,10 +291,13 @@ class Inputs:
     q: torch.Tensor  # (B, Hq, Nq, D) | (B, Nq, Hq, D) | (total_q, Hq, D)
     k: torch.Tensor  # (B, Hkv, Nk, D) | (B, Nk, Hkv, D) | (total_k, Hkv, D)
     v: torch.Tensor  # like k, with Dv
-    dout: torch.Tensor  # like q, with Dv
+    dout: torch.Tensor  # like q, with Dv, in the output dtype
     cu_seqlens_q: torch.Tensor | None  # int32 (B + 1,) for varlen
     cu_seqlens_k: torch.Tensor | None
     buffers: dict[str, torch.Tensor]  # the whole buffers (views and NaN padding), by name
+    # FP8 cases: float32 (B, Hkv) descales of q, k, v (None: 1.0; always None for varlen, which
+    # takes no descales). The dequantized tensor is x.float() * descale[b, h_kv].
+    descales: tuple = (None, None, None)
 
 
 def _shape(case: Case, role: str) -> tuple[tuple[int, ...], int]:
@@ -264,21 +327,35 @@ def make_inputs(case: Case, device) -> Inputs:
     """NaN buffers and their views for q, k, v and dout; fill them with `fill_inputs`."""
     views, buffers = {}, {}
     for name, role in (("q", "q"), ("k", "k"), ("v", "v"), ("dout", "out")):
-        buffers[name], views[name] = padded_view(*_shape(case, role), case.dtype, device)
+        dtype = case.out_dtype if role == "out" else case.dtype
+        buffers[name], views[name] = padded_view(*_shape(case, role), dtype, device)
     cu_q = cu_k = None
     if case.varlen:
         cu_q, cu_k = (torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
                       for lengths in (case.seqlens_q, case.seqlens_k))
-    return Inputs(views["q"], views["k"], views["v"], views["dout"], cu_q, cu_k, buffers)
+    descales = (None, None, None)
+    if case.fp8 and not case.varlen:
+        descales = tuple(torch.full((case.batch, case.heads_kv), math.nan, dtype=torch.float32, device=device)
+                         for _ in range(3))
+        buffers.update(zip(("q_descale", "k_descale", "v_descale"), descales))
+    return Inputs(views["q"], views["k"], views["v"], views["dout"], cu_q, cu_k, buffers, descales)
 
 
 def fill_inputs(inputs: Inputs, case: Case) -> None:
-    """Random normal data from the case's seed, q scaled by `case.q_scale`; padding stays NaN."""
+    """Random normal data from the case's seed, q scaled by `case.q_scale`; padding stays NaN.
+
+    FP8 cases: q, k, v are that data clamped to +-448 (e4m3fn's largest finite value: torch's
+    cast does not saturate) and rounded to float8_e4m3fn; descales are uniform in [0.5, 1.5)."""
     generator = torch.Generator(device=inputs.q.device).manual_seed(case.seed)
     for name, scale in (("q", case.q_scale), ("k", 1.0), ("v", 1.0), ("dout", 1.0)):
         view = getattr(inputs, name)
-        data = torch.randn(view.shape, generator=generator, device=view.device, dtype=torch.float32)
-        view.copy_(data * scale)
+        data = torch.randn(view.shape, generator=generator, device=view.device, dtype=torch.float32) * scale
+        if view.dtype == FP8_DTYPE:
+            data = data.clamp(-torch.finfo(FP8_DTYPE).max, torch.finfo(FP8_DTYPE).max)
+        view.copy_(data)
+    for descale in inputs.descales:
+        if descale is not None:
+            descale.copy_(torch.rand(descale.shape, generator=generator, device=descale.device) + 0.5)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -369,7 +446,10 @@ def _compare(name: str, got, ref, baselines, dtype, failures: _Failures, measure
                      f"cannot be applied: the case is ill-posed for this dtype (a conformance-suite bug)")
         return
     factor, floor_ulps = rule(dtype)
-    measured = Measurement(name, error, baseline, floor_ulps * torch.finfo(dtype).eps * max(1.0, magnitude), factor)
+    if dtype == FP8_DTYPE and name.startswith("lse"):
+        floor_ulps = FP8_LSE_FLOOR_ULPS
+    floor = floor_ulps * torch.finfo(floor_dtype(dtype)).eps * max(1.0, magnitude)
+    measured = Measurement(name, error, baseline, floor, factor)
     measurements.append(measured)
     if not measured.ok:
         failures.add(f"{measured}; worst at {_where(int(diff.flatten().argmax()), diff.shape)}")
@@ -432,8 +512,11 @@ def resolve_device(device=None) -> torch.device:
     return device
 
 
-def check_case(backend, case: Case, device=None) -> CaseResult:
-    """Check `backend` on `case` (see the module docstring); never raises for a backend's fault."""
+def check_case(backend, case: Case, device=None, *, fp8_on_cpu: bool = False) -> CaseResult:
+    """Check `backend` on `case` (see the module docstring); never raises for a backend's fault.
+
+    FP8 cases on a CPU device are skipped (`FP8_CPU_REASON`) unless `fp8_on_cpu` is true: for a
+    backend whose CPU path does not go through Triton's interpreter (the suite's own tests)."""
     device = resolve_device(device)
     result = CaseResult(backend=backend.name, case=case, device=str(device))
     start = time.perf_counter()
@@ -447,7 +530,7 @@ def check_case(backend, case: Case, device=None) -> CaseResult:
         # slower as soon as the cores are shared (pytest-xdist workers, a busy CI machine).
         torch.set_num_threads(1)
     try:
-        _check(backend, case, device, result, failures)
+        _check(backend, case, device, result, failures, fp8_on_cpu)
     except Exception:  # noqa: BLE001 - e.g. a plugin's not_supported_reasons() raising
         failures.add("the check raised:\n" + traceback.format_exc())
     finally:
@@ -459,13 +542,18 @@ def check_case(backend, case: Case, device=None) -> CaseResult:
     return result
 
 
-def _check(backend, case: Case, device: torch.device, result: CaseResult, failures: _Failures) -> None:
+def _check(backend, case: Case, device: torch.device, result: CaseResult, failures: _Failures,
+           fp8_on_cpu: bool = False) -> None:
     inputs = make_inputs(case, device)
     problem = build_problem(
         inputs.q, inputs.k, inputs.v, causal=case.causal, window=case.window, softcap=case.softcap or None,
         scale=case.scale, layout="bhsd" if case.varlen else case.layout, cu_seqlens_q=inputs.cu_seqlens_q,
-        cu_seqlens_k=inputs.cu_seqlens_k, return_lse=True, needs_grad=case.backward)
+        cu_seqlens_k=inputs.cu_seqlens_k, return_lse=True, needs_grad=case.backward,
+        precision="fp8" if case.fp8 else None, descales=inputs.descales)
     result.problem = problem.describe()
+    if case.fp8 and device.type == "cpu" and not fp8_on_cpu:
+        result.status, result.reasons, result.skipped_by = "skipped", [FP8_CPU_REASON], "suite"
+        return
     caps = capabilities(device)
 
     backward = case.backward
@@ -489,8 +577,11 @@ def _check(backend, case: Case, device: torch.device, result: CaseResult, failur
         case = replace(case, backward=False)
 
     fill_inputs(inputs, case)
-    ref = attention_by_math(case, problem, inputs, torch.float64)
-    base = attention_by_math(case, problem, inputs, case.dtype)
+    if case.fp8:
+        ref, base = fp8_reference(case, problem, inputs), fp8_baseline(case, problem, inputs)
+    else:
+        ref = attention_by_math(case, problem, inputs, torch.float64)
+        base = attention_by_math(case, problem, inputs, case.dtype)
     seen = visibility(case, problem, device)
     row_has_key = seen[0]
     cu = (inputs.cu_seqlens_q, inputs.cu_seqlens_k)
@@ -499,15 +590,18 @@ def _check(backend, case: Case, device: torch.device, result: CaseResult, failur
     snapshot = {name: _bits(buffer).clone() for name, buffer in inputs.buffers.items()}
 
     # Forward.
+    forward = backend.forward
+    if case.fp8:  # FP8 backends take the descales (as FlashAttention-3 does); None means 1.0
+        forward = functools.partial(backend.forward, descales=inputs.descales)
     with poisoned(device):
-        returned = _call("forward", backend.forward, failures, inputs.q, inputs.k, inputs.v, problem, *cu)
+        returned = _call("forward", forward, failures, inputs.q, inputs.k, inputs.v, problem, *cu)
     own = None
     if returned is not None:
         if not isinstance(returned, (tuple, list)) or len(returned) != 2:
             failures.add(f"forward must return (out, lse), got {type(returned).__name__}")
         else:
             out, lse = returned
-            out_ok = _check_tensor("out", out, ref.out.shape, case.dtype, device, failures)
+            out_ok = _check_tensor("out", out, ref.out.shape, case.out_dtype, device, failures)
             lse_ok = _check_tensor("lse", lse, lse_shape, torch.float32, device, failures)
             if out_ok:
                 _compare("out", out, ref.out, base.out, case.dtype, failures, measurements)

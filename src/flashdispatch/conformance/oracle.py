@@ -14,17 +14,28 @@ Everything here runs one problem in one `compute_dtype` with plain PyTorch ops a
   cancellation that a consistent forward's LSE gives (in float32 with peaked rows that is several
   times the autograd error). Both are inherent to the contract, not bugs, so the rule takes the
   larger of the two baselines' errors for gradients.
+
+FP8 cases (pre-quantized float8_e4m3fn inputs with (batch, KV head) descales) have their own two:
+
+- `fp8_reference`: `attention_math` in float64 on the dequantized inputs, x.double() * descale
+  (exact: 4 significant bits times float32's 24 fit in float64), so exactly what the kernel sees.
+- `fp8_baseline`: plain math in the kernel's precision: float32 scores of the dequantized inputs,
+  P = exp(s - row max) rounded to float8_e4m3fn before its product with V (as FlashAttention-3
+  and every FP8 kernel do: the P V matmul takes FP8 operands), that product in float32 divided by
+  the float32 row sum of the unrounded P, then rounded to bfloat16, the output dtype; LSE
+  = row max + log(row sum) in float32.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..backends.base import bhsd_to_packed, from_bhsd, packed_to_bhsd, sequences, to_bhsd, visible_keys
 from ..backends.reference import attention_math
+from ..dispatcher.problem import FP8_DTYPE
 
 
 @dataclass
@@ -102,3 +113,67 @@ def backward_from_state(case, problem, inputs, out, lse, compute_dtype) -> tuple
         views = (packed_to_bhsd(t) for t in (inputs.q[sq], inputs.k[sk], inputs.v[sk], inputs.dout[sq], out[sq]))
         grads.append(_backward_bhsd(*views, lse[:, sq].unsqueeze(0), problem, compute_dtype))
     return tuple(torch.cat([bhsd_to_packed(g[i]) for g in grads]) for i in range(3))
+
+
+# FP8
+
+
+def dequantized(case, inputs, dtype) -> tuple:
+    """(q, k, v) of an FP8 case as `dtype`, times their descales: x[b, h] * descale[b, h_kv]
+    (for q, h_kv = h // group), in the case's layout; a missing descale (and varlen) is 1."""
+    out = []
+    for t, descale in zip((inputs.q, inputs.k, inputs.v), inputs.descales):
+        t = t.to(dtype)
+        if descale is not None:
+            group = to_bhsd(t, case.layout).shape[1] // descale.shape[1]
+            per_head = descale.to(dtype).repeat_interleave(group, dim=1)[:, :, None, None]  # (B, H, 1, 1)
+            t = from_bhsd(to_bhsd(t, case.layout) * per_head, case.layout)
+        out.append(t)
+    return tuple(out)
+
+
+def fp8_reference(case, problem, inputs) -> MathResult:
+    """float64 attention on the dequantized inputs of an FP8 case (forward only)."""
+    q, k, v = dequantized(case, inputs, torch.float64)
+    return attention_by_math(replace(case, backward=False), problem, replace(inputs, q=q, k=k, v=v), torch.float64)
+
+
+def _fp8_baseline_bhsd(q, k, v, problem, out_dtype):
+    """The FP8 baseline (see the module docstring) on float32 (B, H, N, D) dequantized tensors."""
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    group = heads_q // heads_kv
+    qg = q.reshape(batch, heads_kv, group, seqlen_q, head_dim)
+    scores = (qg @ k.unsqueeze(2).transpose(-1, -2)) * problem.scale  # (B, Hkv, G, Nq, Nk), float32
+    if problem.softcap:
+        scores = problem.softcap * torch.tanh(scores / problem.softcap)
+    visible = visible_keys(seqlen_q, seqlen_k, problem.window_left, problem.window_right, q.device)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, -math.inf)
+    if seqlen_k:
+        top = scores.amax(-1, keepdim=True)
+    else:
+        top = torch.full(scores.shape[:-1] + (1,), -math.inf, dtype=scores.dtype, device=scores.device)
+    top = torch.where(top == -math.inf, 0.0, top)  # a row with no visible key: all its P are 0
+    p = torch.exp(scores - top)  # float32 in [0, 1]
+    total = p.sum(-1, keepdim=True)
+    p8 = p.to(FP8_DTYPE).float()  # P rounded to e4m3 for the P V matmul (p <= 1: no saturation)
+    out = (p8 @ v.unsqueeze(2)) / torch.where(total > 0, total, 1.0)
+    lse = torch.where(total > 0, top + torch.log(total), -math.inf)
+    return (out.reshape(batch, heads_q, seqlen_q, v.shape[-1]).to(out_dtype),
+            lse.reshape(batch, heads_q, seqlen_q))
+
+
+def fp8_baseline(case, problem, inputs) -> MathResult:
+    """Plain math in the FP8 kernel's precision on an FP8 case (see the module docstring): out in
+    the case's layout in bfloat16, LSE float32 (B, Hq, Nq) or (Hq, total_q)."""
+    q, k, v = dequantized(case, inputs, torch.float32)
+    if not case.varlen:
+        out, lse = _fp8_baseline_bhsd(*(to_bhsd(t, case.layout) for t in (q, k, v)), problem, case.out_dtype)
+        return MathResult(from_bhsd(out, case.layout), lse, None)
+    outs, lses = [], []
+    for _, sq, sk in sequences(inputs.cu_seqlens_q, inputs.cu_seqlens_k):
+        out, lse = _fp8_baseline_bhsd(*(packed_to_bhsd(t) for t in (q[sq], k[sk], v[sk])), problem, case.out_dtype)
+        outs.append(bhsd_to_packed(out))
+        lses.append(lse[0])
+    return MathResult(torch.cat(outs), torch.cat(lses, dim=-1), None)

@@ -9,7 +9,7 @@ backend (the `backend=` argument, or `FLASHDISPATCH_BACKEND`) that refuses the p
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..backends.base import Backend
 from ..backends.empty import EMPTY
@@ -174,6 +174,10 @@ def explain_problem(problem: Problem, caps: Capabilities, forced=(None, None), f
         decision, error = decide(problem, caps, forced, forced_by, measure), None
     except NoBackendError as exc:
         decision, error = None, str(exc)
+        try:  # the forward alone may still run (FP8 is forward only): show what would run it
+            decision = decide(replace(problem, needs_grad=False), caps, forced, forced_by, measure)
+        except NoBackendError:
+            pass
     notes = {}
     if decision is not None:
         for choice in (decision.forward, decision.backward):
