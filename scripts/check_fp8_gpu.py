@@ -5,6 +5,7 @@
                      the Hadamard rotation, without it, and plain per-tensor FP8
     --part sass      the attention kernel's SASS: its QGMMA (FP8 wgmma) instructions
     --part speed     TFLOP/s side by side with sdpa-cudnn and sdpa-flash in bf16
+    --part plot      a figure of a speed log (--log, --out; no GPU)
 
 The FP8 rule: the inputs are rounded through FP8 first (the references see exactly what the kernel
 sees), and the kernel's max error against float64 must be at most 2x that of plain math in the
@@ -230,10 +231,39 @@ def speed() -> int:
     return 0
 
 
+def plot(log: str, path: str) -> int:
+    """A bar chart of a --part speed log: FP8 (pre-quantized, and from bf16) against cuDNN's bf16."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = re.findall(r"D=(\d+) N=(\d+) causal=(\w+): fp8 pre-quantized (\d+), .*?quantize \+ rotate\) (\d+), "
+                      r"cudnn bf16 (\d+)", open(log).read())
+    labels = [f"D={d}\nN={int(n) // 1024}k{' c' if c == 'True' else ''}" for d, n, c, *_ in rows]
+    fig, axis = plt.subplots(figsize=(14, 4.5))
+    for i, name in enumerate(("fp8 pre-quantized", "fp8 from bf16", "sdpa-cudnn bf16")):
+        axis.bar([j + (i - 1) * 0.27 for j in range(len(rows))], [float(r[3 + i]) for r in rows], 0.27, label=name)
+    axis.set_xticks(range(len(rows)), labels, fontsize=8)
+    axis.set_ylabel("forward TFLOP/s")
+    axis.set_title("fp8-hopper on an H100 (16k tokens, 2048 / D heads)")
+    axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", required=True, choices=("exact", "accuracy", "sass", "speed"))
-    return {"exact": exact, "accuracy": accuracy, "sass": sass, "speed": speed}[parser.parse_args().part]()
+    parser.add_argument("--part", required=True, choices=("exact", "accuracy", "sass", "speed", "plot"))
+    parser.add_argument("--log", help="--part plot: the speed log")
+    parser.add_argument("--out", help="--part plot: the figure's path")
+    args = parser.parse_args()
+    if args.part == "plot":
+        return plot(args.log, args.out)
+    return {"exact": exact, "accuracy": accuracy, "sass": sass, "speed": speed}[args.part]()
 
 
 if __name__ == "__main__":
