@@ -56,17 +56,26 @@ def plain_fp8_math(q, k, v, causal, scale):
     return ((p * 256).to(FP8).float() / 256 @ v) / p.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
+def poison(shape, dtype) -> None:
+    """NaN-fill the blocks the caching allocator will hand out next for an output of `shape` and its
+    LSE, so that an element the kernel fails to write shows up as NaN, not as a stale result."""
+    for t in (torch.full(shape, float("nan"), dtype=dtype, device="cuda"),
+              torch.full(shape[:-1], float("nan"), device="cuda")):
+        del t
+
+
 def exact() -> int:
     from flashdispatch import attention
-    from flashdispatch.backends.fp8_hopper import tiles
+    from flashdispatch.backends.fp8_hopper import quantization_blocks, to_kernel_layout
     from flashdispatch.backends.fp8_hopper.quantize import quantize, random_signs
+    from flashdispatch.dispatcher.problem import build_problem
 
     failures = checks = 0
     cases = [(2, 8, 2, 300, 300, 128, True), (2, 8, 8, 257, 513, 128, False), (1, 4, 1, 700, 200, 64, True),
              (3, 4, 4, 130, 1030, 64, False), (1, 4, 2, 1000, 1000, 256, True), (2, 4, 4, 129, 700, 256, False),
              (1, 16, 2, 4096, 4096, 128, True), (2, 8, 8, 5, 3000, 128, True)]
     for b, hq, hkv, nq, nk, d, causal in cases:
-        for way in ("pre-quantized", "bf16 in", "bshd"):
+        for way in ("pre-quantized", "bf16 in", "bshd", "kernel layout"):
             gen = torch.Generator(device="cuda").manual_seed(checks)
             q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=gen) * 2 for h, n in ((hq, nq), (hkv, nk), (hkv, nk)))
             scale = 1 / math.sqrt(d)
@@ -75,7 +84,7 @@ def exact() -> int:
                 # What the kernel sees, dequantized: the rotated, block-quantized Q and K, and V.
                 signs = random_signs(d, 0, "cuda")
                 seen = []
-                block_m, block_n, _, _ = tiles(d, causal)
+                block_m, block_n = quantization_blocks(build_problem(q, k, v, causal=causal, precision="fp8"))
                 for t, rows, rotate, transpose in ((q, block_m, True, False), (k, block_n, True, False),
                                                    (v, block_n, False, True)):
                     x8, descale = quantize(t, rows, signs if rotate else None, transpose=transpose)
@@ -83,7 +92,9 @@ def exact() -> int:
                     if transpose:
                         x = x[..., :t.shape[2]].transpose(2, 3)
                     seen.append(x * descale.double().repeat_interleave(rows, dim=2)[:, :, :t.shape[2], None])
-                out, lse = attention(q, k, v, causal=causal, precision="fp8", return_lse=True)
+
+                def run():
+                    return attention(q, k, v, causal=causal, precision="fp8", return_lse=True)
             else:
                 descales = [torch.rand(b, hkv, device="cuda", generator=gen) + 0.5 for _ in range(3)]
                 q8, k8, v8 = (t.to(FP8) for t in (q, k, v))
@@ -91,17 +102,22 @@ def exact() -> int:
                 seen = [q8.double() * descales[0].double().repeat_interleave(group, 1)[:, :, None, None],
                         k8.double() * descales[1].double()[:, :, None, None],
                         v8.double() * descales[2].double()[:, :, None, None]]
-                args = (q8, k8, v8) if way == "pre-quantized" else tuple(t.transpose(1, 2) for t in (q8, k8, v8))
-                out, lse = attention(*args, causal=causal, q_descale=descales[0], k_descale=descales[1],
-                                     v_descale=descales[2], return_lse=True, layout="bhsd" if way != "bshd" else "bshd")
-                if way == "bshd":
-                    out = out.transpose(1, 2)
+                args = {"pre-quantized": (q8, k8, v8), "kernel layout": (q8, k8, to_kernel_layout(v8)),
+                        "bshd": tuple(t.transpose(1, 2) for t in (q8, k8, v8))}[way]
+                layout = "bshd" if way == "bshd" else "bhsd"
+
+                def run():
+                    out, lse = attention(*args, causal=causal, q_descale=descales[0], k_descale=descales[1],
+                                         v_descale=descales[2], return_lse=True, layout=layout)
+                    return (out.transpose(1, 2) if layout == "bshd" else out), lse
             ref, ref_lse, top = reference(*seen, causal, scale)
+            poison(ref.shape, q.dtype if way == "bf16 in" else torch.bfloat16)
+            out, lse = run()
             base = (plain_fp8_math(*seen, causal, scale).double() - ref).abs().max().item()
             err = (out.double() - ref).abs().max().item()
             lse_err = (lse.double() - ref_lse).abs().nan_to_num(0.0).max().item()
             floor = 1e-3 * ref.abs().max().item()
-            ok = bool(torch.isfinite(out).all()) and err <= 2 * base + floor and lse_err <= LSE_TOLERANCE * max(1.0, top)
+            ok = bool(torch.isfinite(out).all()) and not lse.isnan().any() and err <= 2 * base + floor and lse_err <= LSE_TOLERANCE * max(1.0, top)
             checks += 1
             failures += not ok
             print(f"exact: {'ok  ' if ok else 'FAIL'} {way:13s} B={b} H={hq}/{hkv} N={nq}/{nk} D={d} causal={causal}: "
@@ -170,50 +186,66 @@ def _disassemble(cubin: bytes) -> str:
 
 
 def sass() -> int:
+    """The SASS of the kernels that run pre-quantized D = 128 calls: the Gluon one (`hopper.py`)
+    and the portable one (`kernel.py`, D = 256 and the fallback)."""
     import re
 
+    from flashdispatch.backends import fp8_hopper
+    from flashdispatch.backends.fp8_hopper import hopper
+    from flashdispatch.dispatcher.problem import build_problem
+
+    q, k, v = (torch.randn(1, 2, 256, 128, device="cuda").to(FP8) for _ in range(3))
+    ones = torch.ones(1, 2, device="cuda")
+    problem = build_problem(q, k, v, descales=(ones, ones, ones))
+    failures = 0
+    for name, compiled in (
+            ("gluon", hopper.forward(q, k, v.transpose(2, 3).contiguous(), (ones,) * 3, 1, torch.bfloat16, problem,
+                                     compile_only=True)),
+            ("portable", _compile_portable(fp8_hopper, q, k, v))):
+        text = compiled.asm.get("sass") or _disassemble(compiled.asm["cubin"])
+        ops = re.findall(r"\b(QGMMA|HGMMA|HMMA|QMMA|IMMA)\.[\w.]+", text)
+        kinds = sorted(set(ops))
+        print(f"sass: {name}: {len(text.splitlines())} lines; matmul instructions: "
+              + ", ".join(f"{kind} x{ops.count(kind)}" for kind in kinds), flush=True)
+        for line in sorted({ln.strip()[:140] for ln in text.splitlines() if "QGMMA" in ln})[:4]:
+            print("sass:   " + line, flush=True)
+        failures += "QGMMA" not in kinds
+    return 1 if failures else 0
+
+
+def _compile_portable(fp8_hopper, q, k, v):
     import triton
 
-    from flashdispatch.backends import fp8_hopper
     from flashdispatch.backends.fp8_hopper.kernel import fp8_attention_forward
 
-    q = torch.randn(1, 2, 256, 128, device="cuda").to(FP8)
-    k, v = (torch.randn(1, 2, 256, 128, device="cuda").to(FP8) for _ in range(2))
     vt = v.transpose(2, 3).contiguous()
     out = torch.empty(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16)
     lse = torch.empty(1, 2, 256, device="cuda")
     scales = torch.ones(1, 2, 2, device="cuda")
     rows, keys, warps, stages = fp8_hopper.tiles(128, False)
-    compiled = fp8_attention_forward[(triton.cdiv(256, rows), 2)](
+    return fp8_attention_forward[(triton.cdiv(256, rows), 2)](
         q, k, vt, out, lse, scales, scales, scales, *q.stride(), *k.stride(), *vt.stride(), *out.stride(),
         *scales.stride(), *scales.stride()[:2], *scales.stride()[:2], 2, 1, 256, 256, 0.1,
         HEAD_DIM=128, BLOCK_M=rows, BLOCK_N=keys, CAUSAL=False, PER_BLOCK_V=True, num_warps=warps, num_stages=stages)
-    text = compiled.asm.get("sass") or _disassemble(compiled.asm["cubin"])
-    ops = re.findall(r"\b(QGMMA|HGMMA|HMMA|QMMA|IMMA)\.[\w.]+", text)
-    kinds = sorted(set(ops))
-    print(f"sass: {len(text.splitlines())} lines; matmul instructions: "
-          + ", ".join(f"{kind} x{ops.count(kind)}" for kind in kinds), flush=True)
-    for line in [ln for ln in text.splitlines() if "QGMMA" in ln][:4]:
-        print("sass:   " + line.strip()[:140], flush=True)
-    return 0 if "QGMMA" in kinds else 1
 
 
-def speed() -> int:
+def speed(head_dims, lengths) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from flashdispatch import attention
+    from flashdispatch.backends.fp8_hopper import to_kernel_layout
     from flashdispatch.timing import median_time
     from gpu_grid import prefill_cases
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    for d, n, causal, q, k, v, flops in prefill_cases(head_dims=(64, 128, 256), lengths=(1024, 4096, 16384)):
+    for d, n, causal, q, k, v, flops in prefill_cases(head_dims=head_dims, lengths=lengths):
         q8, k8, v8 = (t.to(FP8) for t in (q, k, v))
-        v8_kmajor = v8.transpose(2, 3).contiguous().transpose(2, 3)  # (B, H, N, D) view of (B, H, D, N) memory
+        v8_kmajor = to_kernel_layout(v8)  # rearranged once, as a KV cache would be
         ones = torch.ones(q.shape[0], q.shape[1], device="cuda")
         rates = {
             "fp8 pre-quantized": flops / median_time(lambda: attention(q8, k8, v8_kmajor, causal=causal, q_descale=ones,
                                                                        k_descale=ones, v_descale=ones), "cuda") / 1e12,
-            "fp8 pre-quantized, V transposed in the call": flops / median_time(
+            "fp8 pre-quantized, V rearranged in the call": flops / median_time(
                 lambda: attention(q8, k8, v8, causal=causal, q_descale=ones, k_descale=ones, v_descale=ones), "cuda") / 1e12,
             "fp8 from bf16 (quantize + rotate)": flops / median_time(
                 lambda: attention(q, k, v, causal=causal, precision="fp8"), "cuda") / 1e12,
@@ -260,10 +292,14 @@ def main() -> int:
     parser.add_argument("--part", required=True, choices=("exact", "accuracy", "sass", "speed", "plot"))
     parser.add_argument("--log", help="--part plot: the speed log")
     parser.add_argument("--out", help="--part plot: the figure's path")
+    parser.add_argument("--head-dims", default="64,128,256", help="--part speed: head dims, comma-separated")
+    parser.add_argument("--lengths", default="1024,4096,16384", help="--part speed: sequence lengths")
     args = parser.parse_args()
     if args.part == "plot":
         return plot(args.log, args.out)
-    return {"exact": exact, "accuracy": accuracy, "sass": sass, "speed": speed}[args.part]()
+    if args.part == "speed":
+        return speed(*(tuple(int(x) for x in arg.split(",")) for arg in (args.head_dims, args.lengths)))
+    return {"exact": exact, "accuracy": accuracy, "sass": sass}[args.part]()
 
 
 if __name__ == "__main__":

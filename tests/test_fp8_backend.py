@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from flashdispatch import attention, configure, explain
+from flashdispatch.backends.fp8_hopper import to_kernel_layout
+from flashdispatch.backends.fp8_hopper.quantize import permute_keys
 from flashdispatch.dispatcher.problem import build_problem
 from flashdispatch.dispatcher.selection import NoBackendError
 
@@ -85,14 +87,38 @@ def test_a_backward_through_fp8_gets_a_clear_reason(monkeypatch):
     assert "fp8-hopper: no backward pass (forward only)" in str(error.value)
 
 
+def test_the_key_order_of_the_hopper_kernels_v():
+    vt = torch.arange(2 * 3 * 32, dtype=torch.float32).reshape(1, 2, 3, 32)
+    permuted = permute_keys(vt)
+    # Column 4c + 2a + j of each 16-key group holds key 8a + 2c + j: the keys a thread of the
+    # scores' accumulator holds (2c, 2c+1, 8+2c, 9+2c) become its 4 operand columns.
+    expected = [16 * g + 8 * a + 2 * c + j for g in range(2) for c in range(4) for a in range(2) for j in range(2)]
+    assert permuted[0, 1, 2].tolist() == vt[0, 1, 2, expected].tolist()
+    assert sorted(expected) == list(range(32)) and expected != list(range(32))
+    assert torch.equal(permute_keys(permuted, inverse=True), vt)
+
+
+def test_to_kernel_layout_checks_and_keeps_its_padding():
+    with pytest.raises(ValueError, match="v: expected a \\(B, H, N, D\\) float8_e4m3fn tensor"):
+        to_kernel_layout(torch.randn(1, 2, 8, 64))
+    (_, _, v8), _ = _fp8_inputs(nk=37)
+    view = to_kernel_layout(v8)
+    assert view.shape == v8.shape and view.stride(2) == 1  # (B, H, N, D) over N-contiguous memory
+    full = view.transpose(2, 3).as_strided((*view.shape[:2], 64, 48), view.transpose(2, 3).stride())
+    assert torch.equal(permute_keys(full, inverse=True)[..., :37].float(), v8.transpose(2, 3).float())
+    assert not permute_keys(full, inverse=True)[..., 37:].float().any()  # zero padding
+
+
 @pytest.mark.parametrize("causal, layout, shape", [(False, "bhsd", (1, 4, 2, 40, 70)), (True, "bhsd", (2, 4, 1, 70, 40)),
-                                                   (True, "bshd", (1, 2, 2, 33, 200))])
+                                                   (True, "bshd", (1, 2, 2, 33, 200)), (False, "kernel", (1, 2, 1, 20, 45))])
 def test_the_kernel_under_the_interpreter(monkeypatch, causal, layout, shape):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     b, hq, hkv, nq, nk = shape
     (q8, k8, v8), descales = _fp8_inputs(b, hq, hkv, nq, nk)
-    args = (q8, k8, v8) if layout == "bhsd" else tuple(t.transpose(1, 2) for t in (q8, k8, v8))
+    args = {"bhsd": (q8, k8, v8), "kernel": (q8, k8, to_kernel_layout(v8)),
+            "bshd": tuple(t.transpose(1, 2) for t in (q8, k8, v8))}[layout]
+    layout = "bshd" if layout == "bshd" else "bhsd"
     out, lse = attention(*args, causal=causal, layout=layout, q_descale=descales[0], k_descale=descales[1],
                          v_descale=descales[2], return_lse=True, backend="fp8-hopper")
     out = out if layout == "bhsd" else out.transpose(1, 2)
@@ -112,10 +138,12 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("d, causal", [(64, False), (128, True), (256, False)])
-def test_gpu_fp8_meets_the_fp8_rule(d, causal):
-    (q8, k8, v8), descales = _fp8_inputs(2, 8, 2, 300, 513, d, device="cuda", seed=d)
-    out, lse = attention(q8, k8, v8, causal=causal, q_descale=descales[0], k_descale=descales[1],
+@pytest.mark.parametrize("d, causal, kernel_layout", [(64, False, False), (128, True, False), (128, False, True),
+                                                      (256, False, True)])
+def test_gpu_fp8_meets_the_fp8_rule(d, causal, kernel_layout):
+    (q8, k8, v8), descales = _fp8_inputs(2, 8, 2, 300, 517, d, device="cuda", seed=d)
+    torch.full((2, 8, 300, d), float("nan"), dtype=torch.bfloat16, device="cuda")  # poison the next output
+    out, lse = attention(q8, k8, to_kernel_layout(v8) if kernel_layout else v8, causal=causal, q_descale=descales[0], k_descale=descales[1],
                          v_descale=descales[2], return_lse=True)
     ref, ref_lse, plain = _reference(q8, k8, v8, descales, causal)
     err, base = (out.double() - ref).abs().max().item(), (plain.double() - ref).abs().max().item()

@@ -2,10 +2,13 @@
 plain-PyTorch reference and the fused Triton kernel.
 
 The kernel runs in Triton's CPU interpreter where there is no GPU (conftest sets TRITON_INTERPRET=1
-there), on the GPU where there is a Hopper one. Its bytes must equal the reference's exactly: it
-runs the same float32 operations in the same order (the butterfly's sums and differences, IEEE
-division), and rounds to e4m3 to nearest even like PyTorch. Oracles are float64 math on fresh
-random data (never zeros, except where a zero block is the point).
+there), on the GPU where there is a Hopper one. Without the rotation its bytes must equal the
+reference's exactly (the same float32 operations: IEEE division, e4m3 rounding to nearest even
+like PyTorch's). With it they may not: the kernel's rotation is a float32-accumulated matmul and
+the reference's the exact one rounded to float32, so `assert_close_quantization` allows what that
+can change and no more: descales a few float32 ulps apart, e4m3 values one step apart, and few of
+them. Oracles are float64 math on fresh random data (never zeros, except where a zero block is the
+point).
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashdispatch.backends.fp8_hopper.quantize import (FP8_MAX, hadamard_rotate, quantize, quantize_reference,
-                                                          random_signs)
+from flashdispatch.backends.fp8_hopper.quantize import (FP8_MAX, hadamard_rotate, permute_keys, quantize,
+                                                          quantize_reference, random_signs, rotation_matrix)
 
 try:
     import triton  # noqa: F401
@@ -68,6 +71,53 @@ def assert_same_quantization(actual, expected, what=""):
     assert differ == 0, f"{what}: {differ} of {ref_bytes.numel()} fp8 bytes differ from the reference"
     assert descale.dtype == torch.float32 and descale.shape == ref_descale.shape, what
     torch.testing.assert_close(descale.cpu(), ref_descale.cpu(), rtol=1e-6, atol=0, msg=what)
+
+
+def e4m3_step(v: torch.Tensor) -> torch.Tensor:
+    """The spacing of e4m3 values at |v|: 2^(floor(log2 |v|) - 3), and 2^-9 (subnormal) below 2^-6."""
+    _, exponent = torch.frexp(v.abs().clamp_min(2.0**-6))  # |v| = m 2^exponent, m in [0.5, 1)
+    return torch.ldexp(torch.ones_like(v), exponent - 4)
+
+
+ROTATED_DIFFER = 1e-3  # largest fraction of rotated e4m3 values allowed to differ from the reference
+
+
+def assert_close_quantization(actual, expected, what=""):
+    """The rotated kernel's rule: descales within a few float32 ulps (rtol 1e-6, or 4 ulps of a
+    subnormal), every e4m3 value equal to the reference's or its neighbour, at most ROTATED_DIFFER
+    of them not equal."""
+    (x8, descale), (ref8, ref_descale) = actual, expected
+    assert x8.dtype == FP8 and x8.shape == ref8.shape and x8.is_contiguous(), what
+    assert descale.dtype == torch.float32 and descale.shape == ref_descale.shape, what
+    torch.testing.assert_close(descale.cpu(), ref_descale.cpu(), rtol=1e-6, atol=4 * 2.0**-149, msg=what)
+    got, ref = x8.cpu().float(), ref8.cpu().float()
+    gap = (got - ref).abs()
+    far = ~(gap <= e4m3_step(torch.minimum(got.abs(), ref.abs())))  # NaN counts as far
+    assert not far.any(), f"{what}: {far.sum().item()} e4m3 values more than one step from the reference's, " \
+                          f"e.g. {got[far][:4].tolist()} for {ref[far][:4].tolist()}"
+    differ = (got != ref).sum().item()
+    assert differ <= ROTATED_DIFFER * ref.numel(), f"{what}: {differ} of {ref.numel()} e4m3 values differ"
+
+
+def test_the_rotated_rule_can_fail():
+    ref8 = torch.tensor([0.0, 2.0**-9, 0.25, 1.0, 384.0, -3.0] * 500).to(FP8)
+    ref = (ref8, torch.ones(3))
+    codes = ref8.view(torch.uint8)
+    up = (codes + 1).view(FP8)  # each value's next code away from zero: one step
+    one = ref8.clone()
+    one[3] = up[3]
+    assert_close_quantization((one, torch.ones(3)), ref)  # one value a step off: 1 in 3000
+    for bad in ((up, torch.ones(3)),  # all of them a step off
+                ((codes + 2).view(FP8), torch.ones(3)),  # two steps
+                (ref8, torch.ones(3) * (1 + 2e-6))):  # descales 16 ulps off
+        with pytest.raises(AssertionError):
+            assert_close_quantization(bad, ref)
+    tiny = torch.full((3,), 2.0**-140)
+    assert_close_quantization((ref8, tiny + 2.0**-148), (ref8, tiny))
+    with pytest.raises(AssertionError):
+        assert_close_quantization((ref8, tiny + 2.0**-145), (ref8, tiny))
+    assert e4m3_step(torch.tensor([2.0**-12, 2.0**-6, 0.3, 1.0, 1.9, -448.0])).tolist() == \
+        [2.0**-9, 2.0**-9, 2.0**-5, 2.0**-3, 2.0**-3, 2.0**5]
 
 
 # Random signs
@@ -203,29 +253,64 @@ def test_reference_rejects_bad_arguments():
 # The fused kernel
 
 
+def test_rotation_matrix_is_the_signed_hadamard_matrix_and_cached():
+    signs = random_signs(64, seed=4, device="cpu")
+    matrix = rotation_matrix(signs, torch.bfloat16, "cpu")
+    assert matrix.dtype == torch.bfloat16 and matrix.shape == (64, 64)
+    assert torch.equal(matrix.double(), torch.diag(signs.double()) @ sylvester(64))
+    x = torch.randn(3, 64, dtype=torch.float64)
+    torch.testing.assert_close(x @ matrix.double() / 8, hadamard_rotate(x, signs), rtol=0, atol=1e-12)
+    assert rotation_matrix(signs, torch.bfloat16, "cpu") is matrix  # built once
+    assert rotation_matrix(signs, torch.float32, "cpu").dtype == torch.float32
+    signs[0] = -signs[0]  # changed in place: built anew
+    assert torch.equal(rotation_matrix(signs, torch.bfloat16, "cpu").double(),
+                       torch.diag(signs.double()) @ sylvester(64))
+
+
+def assert_kernel_matches(x, block_rows, signs, transpose, what):
+    """quantize against quantize_reference: bit for bit without signs, by the rotated rule with."""
+    actual = quantize(x, block_rows, signs, transpose)
+    expected = quantize_reference(x.cpu(), block_rows, None if signs is None else signs.cpu(), transpose)
+    (assert_same_quantization if signs is None else assert_close_quantization)(actual, expected, what)
+    if transpose:  # the padding is +0 bytes (the rotated rule compares values: -0 == +0)
+        assert (actual[0][..., x.shape[2]:].cpu().view(torch.uint8) == 0).all(), what
+    return actual
+
+
 @needs_kernel
 @pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotated"])
 @pytest.mark.parametrize("transpose", [False, True], ids=["nd", "dn"])
 @pytest.mark.parametrize("block_rows", [64, 128])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-def test_kernel_equals_the_reference(head_dim, block_rows, transpose, rotate):
-    dtype = (torch.float16, torch.bfloat16, torch.float32)[(head_dim // 64 + block_rows // 64) % 3]
+def test_kernel_matches_the_reference(head_dim, block_rows, transpose, rotate):
+    dtype = (torch.float16, torch.bfloat16, torch.float32)[(head_dim // 64 + block_rows // 64 + transpose) % 3]
     x = (torch.randn(2, 3, 200, head_dim) * 4).to(dtype).to(DEVICE)  # 200: a ragged last block
     signs = random_signs(head_dim, seed=head_dim, device=DEVICE) if rotate else None
-    assert_same_quantization(quantize(x, block_rows, signs, transpose),
-                             quantize_reference(x.cpu(), block_rows, None if signs is None else signs.cpu(), transpose),
-                             f"{dtype} D={head_dim} block_rows={block_rows}")
+    assert_kernel_matches(x, block_rows, signs, transpose, f"{dtype} D={head_dim} block_rows={block_rows}")
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("seqlen", [1, 17, 128, 129])
-def test_kernel_equals_the_reference_for_each_dtype_and_length(dtype, seqlen):
+def test_kernel_matches_the_reference_for_each_dtype_and_length(dtype, seqlen):
     x = torch.randn(1, 2, seqlen, 64).to(dtype).to(DEVICE)
     signs = random_signs(64, seed=1, device=DEVICE)
-    for transpose in (False, True):
-        assert_same_quantization(quantize(x, 64, signs, transpose),
-                                 quantize_reference(x.cpu(), 64, signs.cpu(), transpose), f"{dtype} N={seqlen}")
+    for rotation in (None, signs):
+        for transpose in (False, True):
+            assert_kernel_matches(x, 64, rotation, transpose, f"{dtype} N={seqlen}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("seqlen", [1, 40, 200])
+def test_kernel_writes_v_in_the_hopper_kernels_key_order(seqlen):
+    x = (torch.randn(2, 3, seqlen, 64) * 3).to(torch.float16).to(DEVICE)
+    got, got_descale = quantize(x, 128, None, transpose=True, key_order=True)
+    want, want_descale = quantize_reference(x, 128, None, transpose=True, key_order=True)
+    plain, _ = quantize_reference(x, 128, None, transpose=True)
+    assert torch.equal(want.view(torch.uint8), permute_keys(plain).view(torch.uint8))
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)) and torch.equal(got_descale, want_descale)
+    with pytest.raises(ValueError, match="key_order: applies to the transposed layout only"):
+        quantize(x, 128, None, key_order=True)
 
 
 @needs_kernel
@@ -233,12 +318,27 @@ def test_kernel_takes_strided_inputs():
     bshd = torch.randn(2, 150, 4, 128, dtype=torch.float16, device=DEVICE)
     x = bshd.transpose(1, 2)  # bhsd view: N stride 4 * 128, H stride 128
     signs = random_signs(128, seed=2, device=DEVICE)
-    for transpose in (False, True):
-        assert_same_quantization(quantize(x, 128, signs, transpose),
-                                 quantize_reference(x.cpu(), 128, signs.cpu(), transpose), "bshd")
+    for rotation in (None, signs):
+        for transpose in (False, True):
+            assert_kernel_matches(x, 128, rotation, transpose, "bshd")
     wide = torch.randn(1, 2, 70, 128, device=DEVICE)[..., ::2]  # head-dim stride 2
-    assert_same_quantization(quantize(wide, 64, signs[:64]), quantize_reference(wide.cpu(), 64, signs[:64].cpu()),
-                             "head-dim stride 2")
+    for rotation in (None, signs[:64]):
+        assert_kernel_matches(wide, 64, rotation, False, "head-dim stride 2")
+
+
+@needs_kernel
+def test_rotated_kernel_is_within_e4m3_rounding_of_the_exact_rotation():
+    # Against float64 math rather than the reference: the error bound of the reference's test.
+    x = (torch.randn(1, 2, 96, 256) * 3).to(torch.bfloat16)
+    signs = random_signs(256, seed=9, device="cpu")
+    x8, descale = quantize(x.to(DEVICE), 64, signs.to(DEVICE))
+    y = x.double() @ (torch.diag(signs.double()) @ sylvester(256)) / 16
+    torch.testing.assert_close(descale.cpu().double(), blocks_of(y, 64).abs().amax(dim=(-2, -1)) / FP8_MAX,
+                               rtol=1e-6, atol=0)
+    descale = descale.cpu()
+    scale = descale.double().repeat_interleave(64, dim=2)[:, :, :96, None]
+    error = (dequantize(x8.cpu(), descale, 64) - y).abs()
+    assert (error <= (2.0**-4 * y.abs() + 2.0**-10 * scale) * (1 + 1e-6)).all()
 
 
 @needs_kernel
@@ -269,9 +369,11 @@ def test_kernel_zero_underflowing_and_tiny_blocks():
     x[:, 0, 192:256] *= 1e-38  # subnormal float32 scale
     for signs in (None, random_signs(64, seed=5, device="cpu")):
         for transpose in (False, True):
-            out = quantize(x.to(DEVICE), 64, None if signs is None else signs.to(DEVICE), transpose)
-            assert_same_quantization(out, quantize_reference(x, 64, signs, transpose), f"signs={signs is not None}")
+            out = assert_kernel_matches(x.to(DEVICE), 64, None if signs is None else signs.to(DEVICE), transpose,
+                                        f"signs={signs is not None}")
             assert (out[1][:, :, 1] == 1.0).all()
+            zero_block = out[0][..., 64:128] if transpose else out[0][:, :, 64:128]
+            assert (zero_block.float() == 0).all()  # exactly: the rotated rule alone would allow 2^-9
 
 
 @needs_kernel
@@ -281,29 +383,46 @@ def test_kernel_on_an_empty_sequence():
 
 
 SM90_SCRIPT = r"""
+import re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from flashdispatch.backends.fp8_hopper import quantize
 
 fn = quantize.quantize_kernel
-for dtype, head_dim, block_rows, rotate in (("bf16", 128, 128, True), ("fp16", 256, 64, True), ("fp32", 64, 64, False)):
-    constexprs = dict(ROTATE=rotate, ROUND=False, TRANSPOSE=rotate, BLOCK_ROWS=block_rows, HEAD_DIM=head_dim,
-                      STAGES=head_dim.bit_length() - 1, INV_SQRT_D=quantize._inv_sqrt(head_dim))
-    types = {"X": "*" + dtype, "Signs": "*fp32", "Out": "*fp8e4nv", "Descale": "*fp32"}
+# What the launcher specialises for contiguous tensors: a unit head-dim stride, 16-byte aligned
+# pointers, strides that are multiples of 16.
+aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
+           for name in ("X", "M", "Out", "Descale", "stride_xb", "stride_xh", "stride_xn")}
+for dtype, head_dim, block_rows, rotate, transpose, key_order in (
+        ("bf16", 128, 128, True, False, False), ("fp16", 256, 64, True, True, False),
+        ("bf16", 128, 128, False, True, True), ("fp32", 64, 64, False, False, False)):
+    constexprs = dict(stride_xd=1, ROTATE=rotate, SPLIT=quantize._split(head_dim, rotate), IEEE=dtype == "fp32",
+                      ROUND=False, TRANSPOSE=transpose, KEY_ORDER=key_order, BLOCK_ROWS=block_rows, HEAD_DIM=head_dim,
+                      INV_SQRT_D=quantize._inv_sqrt(head_dim))
+    types = {"X": "*" + dtype, "M": "*" + dtype, "Out": "*fp8e4nv", "Descale": "*fp32"}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
-    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    warps = quantize._num_warps(head_dim, block_rows, rotate, rotate)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["ptx"]
+    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs=aligned)
+    options = dict(num_warps=quantize._num_warps(head_dim, block_rows))
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    case = (dtype, head_dim, block_rows, rotate, transpose)
     # Round to nearest even, saturating, in hardware; IEEE division (as PyTorch's).
-    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, (dtype, head_dim)
-    assert "div.rn.f32" in ptx and "div.full.f32" not in ptx, (dtype, head_dim)
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, case
+    assert "div.rn.f32" in ptx and "div.full.f32" not in ptx, case
+    # 16-byte loads and fp8 stores (the transposed ones too), beside the descale's one b32 store.
+    loads, stores = re.findall(r"ld\.global\S*", ptx), re.findall(r"st\.global\S*", ptx)
+    assert loads and all(".v4." in op for op in loads), (case, sorted(set(loads)))
+    assert stores.count("st.global.b32") == 1 and len(stores) > 1, (case, sorted(set(stores)))
+    assert all(".v4." in op for op in stores if op != "st.global.b32"), (case, sorted(set(stores)))
+    # The rotation on the tensor cores.
+    assert ("wgmma.mma_async" in ptx) == rotate, case
 print("ok")
 """
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_kernel_compiles_for_sm90_with_round_to_nearest_conversions(tmp_path):
+def test_kernel_compiles_for_sm90_with_vector_accesses_and_round_to_nearest_conversions(tmp_path):
     # In a subprocess: the test session sets TRITON_INTERPRET=1, under which nothing is compiled.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")

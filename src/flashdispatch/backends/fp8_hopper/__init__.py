@@ -26,6 +26,7 @@ import torch
 from ...dispatcher.capabilities import Capabilities
 from ...dispatcher.problem import FP8_DTYPE, Problem
 from ..base import Backend, Support, from_bhsd, to_bhsd
+from .quantize import permute_keys
 
 SUPPORT = Support(
     dtypes=(torch.float16, torch.bfloat16, FP8_DTYPE),
@@ -43,14 +44,34 @@ HEAD_DIMS = (64, 128, 256)
 
 
 def tiles(head_dim: int, causal: bool) -> tuple[int, int, int, int]:
-    """(query rows, keys, warps, pipeline stages) per program; the rows and keys are also the
-    quantization blocks of Q and of K and V. From a sweep on the H100 (D = 128 / 64, N = 16k:
-    docs/notes/fp8.md): 128 x 128 keys with 4 warps non-causal (768 TFLOP/s at D = 128, 8 warps
-    636), 64 rows causal (773; 128 rows with 4 warps fell to 376); D = 256 keeps its 128 x 64
-    tile in registers with 8 warps."""
+    """(query rows, keys, warps, pipeline stages) per program of the portable kernel (`kernel.py`);
+    the rows and keys are also the quantization blocks of Q and of K and V. From a sweep on the
+    H100 (D = 128 / 64, N = 16k: docs/notes/fp8.md): 128 x 128 keys with 4 warps non-causal (768
+    TFLOP/s at D = 128, 8 warps 636), 64 rows causal (773; 128 rows with 4 warps fell to 376); D =
+    256 keeps its 128 x 64 tile in registers with 8 warps."""
     if head_dim > 128:
         return 128, 64, 8, 3
     return (64 if causal else 128), 128, 4, 3
+
+
+def _warp_specialized(problem: Problem) -> bool:
+    """Whether the Gluon kernel (`hopper.py`) runs this problem; else the portable one."""
+    if problem.device_type != "cuda" or _interpreting():
+        return False
+    try:
+        from . import hopper
+    except Exception:  # noqa: BLE001 - Gluon is experimental: a Triton without it runs kernel.py
+        return False
+    return not hopper.problem_reasons(problem)
+
+
+def quantization_blocks(problem: Problem) -> tuple[int, int]:
+    """(query rows, keys) per quantization block: the tile of the kernel that will run."""
+    if _warp_specialized(problem):
+        from . import hopper
+
+        return hopper.BLOCK_M, hopper.BLOCK_N
+    return tiles(problem.head_dim, problem.causal)[:2]
 
 
 def _interpreting() -> bool:
@@ -116,47 +137,114 @@ class Fp8HopperBackend(Backend):
         else:
             rotation = (f"Q and K rotated by a random-sign Hadamard matrix (seed {policy.fp8_seed})"
                         if policy.fp8_rotation else "no rotation (the policy's fp8.rotation is off)")
-            rows, keys, _, _ = tiles(problem.head_dim, problem.causal)
+            rows, keys = quantization_blocks(problem)
             how = f"quantized to float8_e4m3fn with one scale per {rows} query rows and per {keys} keys per head; {rotation}"
         return [f"FP8 matmuls (precision='fp8' was asked for: not exact, FP8 rounds Q, K, V and P to 3 mantissa bits); "
                 f"{how}", "forward only: no FP8 backward"]
 
     def forward(self, q, k, v, problem, cu_seqlens_q=None, cu_seqlens_k=None, descales=(None, None, None)):
-        import triton
-
-        from .kernel import fp8_attention_forward
-
+        in_kernel_layout = getattr(v, KERNEL_LAYOUT, False)
         q, k, v = (to_bhsd(t, problem.layout) for t in (q, k, v))  # (B, H, N, D) views
-        batch, heads_q, seqlen_q, head_dim = q.shape
-        heads_kv, seqlen_k = k.shape[1], k.shape[2]
-        group = problem.group_size
-        rows, keys, warps, stages = tiles(head_dim, problem.causal)
-        q_blocks, k_blocks = triton.cdiv(seqlen_q, rows), triton.cdiv(seqlen_k, keys)
-        device = q.device
+        warp_specialized = _warp_specialized(problem)
         if problem.dtype == FP8_DTYPE:
-            q_descale, k_descale, v_descale = descales
+            out_dtype = torch.bfloat16
             q8, k8 = q, k
-            vt = v.transpose(2, 3)  # (B, Hkv, D, N): K-major as it lies, or transposed once
-            vt = vt if vt.stride(3) == 1 else vt.contiguous()
-            q_scales = _per_block(q_descale, batch, heads_q, group, q_blocks, device)
-            k_scales = _per_block(k_descale, batch, heads_kv, 1, k_blocks, device)
-            v_scales = _per_block(v_descale, batch, heads_kv, 1, k_blocks, device)
-            out_dtype, per_block_v = torch.bfloat16, False
+            vt8 = _v_transposed(v, in_kernel_layout, warp_specialized)
         else:
             from .quantize import quantize
 
-            signs = _rotation_signs(head_dim, device)
+            rows, keys = quantization_blocks(problem)
+            signs = _rotation_signs(problem.head_dim, q.device)
+            out_dtype = q.dtype
             q8, q_scales = quantize(q, rows, signs)
             k8, k_scales = quantize(k, keys, signs)
-            vt, v_scales = quantize(v, keys, None, transpose=True)
-            out_dtype, per_block_v = q.dtype, True
-        out = torch.empty(batch, heads_q, seqlen_q, head_dim, dtype=out_dtype, device=device)
-        lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=device)
-        fp8_attention_forward[(q_blocks, batch * heads_q)](
-            q8, k8, vt, out, lse, q_scales, k_scales, v_scales,
-            *q8.stride(), *k8.stride(), *vt.stride(), *out.stride(),
-            *q_scales.stride(), *k_scales.stride()[:2], *v_scales.stride()[:2],
-            heads_q, group, seqlen_q, seqlen_k, problem.scale,
-            HEAD_DIM=head_dim, BLOCK_M=rows, BLOCK_N=keys, CAUSAL=problem.causal, PER_BLOCK_V=per_block_v,
-            num_warps=warps, num_stages=stages)
+            # The Gluon kernel reads V^T in its key order, up to the zero padding (a multiple of 16).
+            vt8, v_scales = quantize(v, keys, None, transpose=True, key_order=warp_specialized)
+            if not warp_specialized:
+                vt8 = vt8[..., :problem.seqlen_k]
+            descales = (q_scales, k_scales, v_scales)
+        result = None
+        if warp_specialized:
+            from . import hopper
+
+            per_head = problem.dtype == FP8_DTYPE
+            if per_head:
+                ones = torch.ones(1, 1, dtype=torch.float32, device=q.device).expand(problem.batch, problem.heads_kv)
+                descales = tuple(ones if d is None else d for d in descales)
+            result = hopper.forward(q8, k8, vt8, descales, problem.group_size if per_head else 1, out_dtype, problem)
+            if result is None:  # the kernel failed: the portable one reads V^T in key order
+                vt8 = permute_keys(vt8, inverse=True)[..., :problem.seqlen_k]
+        if result is None:
+            result = _portable_forward(q8, k8, vt8, descales, out_dtype, problem)
+        out, lse = result
         return from_bhsd(out, problem.layout), lse
+
+
+# Set on a V tensor by `to_kernel_layout`: its memory is V^T in the Gluon kernel's key order.
+KERNEL_LAYOUT = "_flashdispatch_fp8_kernel_layout"
+
+
+def to_kernel_layout(v: torch.Tensor) -> torch.Tensor:
+    """Pre-quantized V (B, Hkv, N, D) float8_e4m3fn, rearranged once for the FP8 kernel: a (B, Hkv,
+    N, D) view of V^T ((B, Hkv, D, N_pad) memory, N contiguous, zero-padded to a multiple of 16)
+    with each 16-key group in the order the Hopper kernel multiplies P by V in. Pass it as `v` to
+    attention() to skip that rearrangement on every call (a KV cache, a benchmark); any other V is
+    rearranged in the call."""
+    if v.dim() != 4 or v.dtype != FP8_DTYPE:
+        raise ValueError(f"v: expected a (B, H, N, D) float8_e4m3fn tensor, got {v.dtype} of shape {tuple(v.shape)}")
+    view = permute_keys(_padded(v.transpose(2, 3))).transpose(2, 3)[:, :, :v.shape[2]]
+    setattr(view, KERNEL_LAYOUT, True)
+    return view
+
+
+def _padded(vt: torch.Tensor) -> torch.Tensor:
+    """A copy of vt (B, H, D, N) with N zero-padded to a multiple of 16."""
+    seqlen = vt.shape[3]
+    out = torch.zeros(*vt.shape[:3], -(-seqlen // 16) * 16, dtype=vt.dtype, device=vt.device)
+    out[..., :seqlen] = vt
+    return out
+
+
+def _v_transposed(v: torch.Tensor, in_kernel_layout: bool, warp_specialized: bool) -> torch.Tensor:
+    """V^T as the kernel that runs reads it: (B, H, D, N_pad) in `to_kernel_layout`'s order, padding
+    included (a 16-key group holds keys from its whole range), for the Gluon kernel; (B, H, D, N) in
+    key order for the portable one. v's own memory where it already lies so."""
+    vt = v.transpose(2, 3)
+    seqlen = v.shape[2]
+    if in_kernel_layout:
+        vt = vt.as_strided((*vt.shape[:3], -(-seqlen // 16) * 16), vt.stride())
+        return vt if warp_specialized else permute_keys(vt, inverse=True)[..., :seqlen]
+    if warp_specialized:
+        return permute_keys(_padded(vt))
+    return vt if vt.stride(3) == 1 else vt.contiguous()
+
+
+def _portable_forward(q8, k8, vt8, descales, out_dtype, problem):
+    """(out, lse) from `kernel.py`: every head dim, the CPU interpreter. descales as the backend's
+    forward has them: (B, Hkv) per head for pre-quantized inputs, (B, H, blocks) when quantized."""
+    import triton
+
+    from .kernel import fp8_attention_forward
+
+    batch, heads_q, seqlen_q, head_dim = q8.shape
+    heads_kv, seqlen_k = k8.shape[1], k8.shape[2]
+    group = problem.group_size
+    rows, keys, warps, stages = tiles(head_dim, problem.causal)
+    q_blocks, k_blocks = triton.cdiv(seqlen_q, rows), triton.cdiv(seqlen_k, keys)
+    per_block_v = problem.dtype != FP8_DTYPE
+    if per_block_v:
+        q_scales, k_scales, v_scales = descales
+    else:
+        device = q8.device
+        q_scales = _per_block(descales[0], batch, heads_q, group, q_blocks, device)
+        k_scales, v_scales = (_per_block(d, batch, heads_kv, 1, k_blocks, device) for d in descales[1:])
+    out = torch.empty(batch, heads_q, seqlen_q, head_dim, dtype=out_dtype, device=q8.device)
+    lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=q8.device)
+    fp8_attention_forward[(q_blocks, batch * heads_q)](
+        q8, k8, vt8, out, lse, q_scales, k_scales, v_scales,
+        *q8.stride(), *k8.stride(), *vt8.stride(), *out.stride(),
+        *q_scales.stride(), *k_scales.stride()[:2], *v_scales.stride()[:2],
+        heads_q, group, seqlen_q, seqlen_k, problem.scale,
+        HEAD_DIM=head_dim, BLOCK_M=rows, BLOCK_N=keys, CAUSAL=problem.causal, PER_BLOCK_V=per_block_v,
+        num_warps=warps, num_stages=stages)
+    return out, lse

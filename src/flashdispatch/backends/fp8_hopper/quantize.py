@@ -9,8 +9,7 @@ same R leaves the scores unchanged:
 A row's few large entries (outliers) are spread over all D coordinates by R, so the block's
 maximum, which sets the quantization step of every entry in the block, drops towards the typical
 magnitude and the small entries keep more of their bits. The signs make the rotation random
-enough that no fixed input lines up with H. x R is computed by the fast Walsh-Hadamard transform:
-log2(D) butterfly stages of sums and differences, O(D log D) instead of a D x D matmul.
+enough that no fixed input lines up with H.
 
 Quantization. Per (batch, head) and per block of `block_rows` consecutive rows (the attention
 kernel's tile), with y the (rotated) block in float32:
@@ -29,8 +28,20 @@ V is not rotated (its rotation would have to be undone on the output) and is wri
 (B, H, D, N_pad) with N contiguous: the K-major B operand that Hopper's FP8 wgmma reads for P V.
 N_pad is N rounded up to 16 (the FP8 MMA's K step) and the pad columns hold zeros.
 
-`quantize_reference` is the plain-PyTorch statement of all this; `quantize` computes the same
-bytes in one fused Triton kernel, one pass over the input.
+Reference and kernel. `quantize_reference` is the plain-PyTorch statement of all this: its
+rotation is the fast Walsh-Hadamard transform (log2(D) butterfly stages) in float64, rounded once
+to float32, so it is the exact x R up to that rounding. `quantize` computes the same thing in one
+fused Triton kernel, one pass over the input, with the rotation as a matmul: x @ M, M = S H built
+on the host (entries +-1, so the products are exact in float16/bfloat16), accumulated in float32,
+times 1 / sqrt(D); for D > 128 as two dots of half the width and one butterfly stage. 16-bit
+inputs go through the tensor cores; float32 inputs, and everything in Triton's CPU interpreter,
+through IEEE float32 dots. The kernel's sums are rounded to float32 as they go, in the order of
+its dots, so a rotated y, and with it the descale, can differ from the reference's by a few
+float32 ulps, and a value of y / scale that lies that close to the midpoint between two e4m3
+values can round to the other one: rotated outputs match the reference's to one e4m3 step, and
+only now and then (in the interpreter, on random normal data: none in 3.7 million for 16-bit
+inputs, whose float32 sums are mostly exact, about 1 in 100,000 for float32 inputs). Without the
+rotation the kernel's bytes and descales equal the reference's exactly.
 """
 
 from __future__ import annotations
@@ -63,34 +74,60 @@ def _power_of_two(n: int) -> bool:
 
 
 def _inv_sqrt(head_dim: int) -> float:
-    # One definition for the reference and the kernel: both round this same value to float32.
+    # One definition for the reference (which multiplies by it in float64) and the kernel (float32).
     return 1.0 / math.sqrt(head_dim)
 
 
 def hadamard_rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """x * signs along the last dim, then the orthonormal Walsh-Hadamard transform H / sqrt(D).
 
-    Computed in float64 for float64 input, else in float32, and returned in that dtype: 16-bit
-    inputs come back as float32, since rounding the rotation back to 16 bits would add an error
-    before the quantization that it exists to reduce.
+    Computed in float64 and returned in float64 for float64 input, else rounded once to float32:
+    16-bit inputs come back as float32, since rounding the rotation back to 16 bits would add an
+    error before the quantization that it exists to reduce. Float64 holds the sums of D <= 256
+    float32 entries exactly while their magnitudes span fewer than 21 binades (more for 16-bit
+    ones), so this is the exact rotation rounded to float32, whatever order a kernel sums in.
 
     Each butterfly stage combines the entries pairwise, (y[2j], y[2j+1]) -> (sum, difference),
     writing sums to the first half and differences to the second (the constant-geometry form of
-    the transform): after log2(D) stages every bit of the index has been combined once. The fused
-    kernel runs the same stages in the same order, so both round identically in float32.
+    the transform): after log2(D) stages every bit of the index has been combined once.
     """
     head_dim = x.shape[-1]
     if not _power_of_two(head_dim):
         raise ValueError(f"x: the Hadamard rotation needs a power-of-two last dim, got shape {tuple(x.shape)}")
     if signs.shape != (head_dim,):
         raise ValueError(f"signs: expected shape ({head_dim},), got {tuple(signs.shape)}")
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y = x.to(dtype) * signs.to(device=x.device, dtype=dtype)
+    y = x.double() * signs.to(device=x.device, dtype=torch.float64)
     for _ in range(head_dim.bit_length() - 1):
         pairs = y.unflatten(-1, (head_dim // 2, 2))
         even, odd = pairs[..., 0], pairs[..., 1]
         y = torch.cat([even + odd, even - odd], dim=-1)
-    return y * torch.tensor(_inv_sqrt(head_dim), dtype=dtype, device=x.device)
+    y = y * _inv_sqrt(head_dim)
+    return y if x.dtype == torch.float64 else y.float()
+
+
+def rotation_matrix(signs: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    """M = diag(signs) H, (D, D) of +-1 in `dtype` on `device`: x R = (x @ M) / sqrt(D).
+
+    Cached per (signs tensor, its version, dtype, device): the backend passes the same signs tensor
+    on every call, so M is built once. The cache holds the signs tensor, so that its id is not
+    reused by another tensor while the entry lives.
+    """
+    key = (id(signs), signs._version, dtype, torch.device(device))
+    entry = _matrices.get(key)
+    if entry is None:
+        head_dim = signs.shape[0]
+        index = torch.arange(head_dim)
+        parity = torch.zeros(head_dim, head_dim, dtype=torch.long)
+        for bit in range(head_dim.bit_length() - 1):  # H[i, j] = (-1)^popcount(i & j), Sylvester's order
+            parity ^= ((index[:, None] & index[None, :]) >> bit) & 1
+        matrix = signs.detach().cpu().double()[:, None] * (1 - 2 * parity)
+        if len(_matrices) >= 64:  # tests make many signs tensors; the backend a few
+            _matrices.clear()
+        entry = _matrices[key] = (signs, matrix.to(device=device, dtype=dtype))
+    return entry[1]
+
+
+_matrices: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _check(x: torch.Tensor, block_rows: int, signs) -> None:
@@ -110,15 +147,26 @@ def _padded(seqlen: int) -> int:
     return -(-seqlen // PAD) * PAD
 
 
-def quantize_reference(x, block_rows: int, signs=None, transpose: bool = False):
+def permute_keys(vt: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """V^T (B, H, D, N), N a multiple of 16, with each 16-key group in the order the Hopper kernel
+    (`hopper.py`) reads P in as its P V operand: column 4c + 2a + j holds key 8a + 2c + j (c < 4,
+    a, j < 2). inverse: back to key order. A copy."""
+    b, h, d, n = vt.shape
+    groups = (n // 16, 4, 2, 2) if inverse else (n // 16, 2, 4, 2)
+    return vt.reshape(b, h, d, *groups).permute(0, 1, 2, 3, 5, 4, 6).reshape(b, h, d, n)
+
+
+def quantize_reference(x, block_rows: int, signs=None, transpose: bool = False, key_order: bool = False):
     """Plain-PyTorch reference of `quantize`: (x_fp8, descale) as the module docstring defines them.
 
     x: (B, H, N, D) float16/bfloat16/float32, any strides; rotated first when `signs` is given.
     x_fp8: (B, H, N, D) float8_e4m3fn contiguous, or with transpose=True (B, H, D, N_pad) holding
-    it transposed, N_pad = N rounded up to 16, pad columns 0. descale: float32 (B, H, ceil(N /
-    block_rows)), the scale of each block (x ~= x_fp8 * descale). The same bytes on the CPU and
-    on a GPU.
+    it transposed, N_pad = N rounded up to 16, pad columns 0, and with key_order=True too its
+    columns in `permute_keys`'s order. descale: float32 (B, H, ceil(N / block_rows)), the scale of
+    each block (x ~= x_fp8 * descale). The same bytes on the CPU and on a GPU.
     """
+    if key_order and not transpose:
+        raise ValueError("key_order: applies to the transposed layout only (transpose=True)")
     _check(x, block_rows, signs)
     batch, heads, seqlen, head_dim = x.shape
     y = x.float() if signs is None else hadamard_rotate(x, signs)
@@ -137,6 +185,8 @@ def quantize_reference(x, block_rows: int, signs=None, transpose: bool = False):
     if transpose:
         out = torch.zeros(batch, heads, head_dim, _padded(seqlen), dtype=FP8, device=x.device)
         out[..., :seqlen] = y8.transpose(2, 3)
+        if key_order:
+            out = permute_keys(out)
     else:
         out = y8.contiguous()
     return out, scale
@@ -163,24 +213,63 @@ if triton is not None:
         # rounded to 0, where the e4m3 conversion gives -0.
         return (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
 
+    @triton.jit
+    def _store_e4m3(out, row0, rows, cols, y, scale, out_rows, ROUND: tl.constexpr, TRANSPOSE: tl.constexpr,
+                    KEY_ORDER: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """y / scale in e4m3 into rows row0 + rows and columns `cols` of one (batch, head)'s output:
+        (out_rows, HEAD_DIM) row-major, or with TRANSPOSE (HEAD_DIM, out_rows), with KEY_ORDER its
+        rows in `permute_keys`'s order. Rows >= out_rows are not written."""
+        # div_rn: IEEE division, as PyTorch's; Triton's `/` is an approximate one on the GPU.
+        y = tl.clamp(tl.math.div_rn(y, scale), -448.0, 448.0)
+        if ROUND:
+            y = _round_to_e4m3(y)
+        y8 = y.to(tl.float8e4nv)
+        if KEY_ORDER:  # row 16g + 8a + 2c + j to 16g + 4c + 2a + j: the mask is the same per group of 16
+            BLOCK_ROWS: tl.constexpr = y8.shape[0]
+            y8 = tl.reshape(tl.permute(tl.reshape(y8, (BLOCK_ROWS // 16, 2, 4, 2, y8.shape[1])), (0, 2, 1, 3, 4)),
+                            (BLOCK_ROWS, y8.shape[1]))
+        keep = row0 + rows < out_rows
+        if TRANSPOSE:
+            # Runs along the rows. out_rows is a multiple of 16 the compiler can see (n16 * 16), so
+            # the mask is constant over aligned runs of 16 rows and the stores can be 16 bytes wide.
+            tl.store(out + cols[:, None] * out_rows + (row0 + rows)[None, :], tl.trans(y8), mask=keep[None, :])
+        else:
+            tl.store(out + (row0 + rows)[:, None] * HEAD_DIM + cols[None, :], y8, mask=keep[:, None])
+
+    @triton.jit
+    def _rotate_half(x, m, IEEE: tl.constexpr):
+        """x @ m, float32: 16-bit operands on the tensor cores (the +-1 products are exact, the sums
+        float32), or float32 ones in IEEE float32 (for float32 inputs, where tf32 would drop bits,
+        and in the interpreter, whose bfloat16 dot is wrong in Triton 3.6)."""
+        if IEEE:
+            return tl.dot(x.to(tl.float32), m, input_precision="ieee")
+        return tl.dot(x, m)
+
     # Not specialised on the lengths: Triton would compile a variant per divisibility by 16 of
-    # each, and with seqlen == 1 it gave wrong transposed tiles on an H100 (Triton 3.6).
-    @triton.jit(do_not_specialize=["seqlen", "out_rows"])
+    # each, and with seqlen == 1 it gave wrong transposed tiles on an H100 (Triton 3.6). n16 (the
+    # transposed layout's rows / 16) may be 1 too.
+    @triton.jit(do_not_specialize=["seqlen", "n16"])
     def quantize_kernel(
-        X, Signs, Out, Descale,
+        X, M, Out, Descale,
         stride_xb, stride_xh, stride_xn, stride_xd,
-        stride_ob, stride_oh, stride_on, stride_od,
-        heads, seqlen, out_rows,
-        ROTATE: tl.constexpr, ROUND: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-        HEAD_DIM: tl.constexpr, STAGES: tl.constexpr, INV_SQRT_D: tl.constexpr,
+        heads, seqlen, n16,
+        ROTATE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr,
+        TRANSPOSE: tl.constexpr, KEY_ORDER: tl.constexpr, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        INV_SQRT_D: tl.constexpr,
     ):
         """One program: BLOCK_ROWS rows of one (batch, head), rotated (ROTATE), scaled by their
         amax and written as e4m3 with their descale. Grid: (row blocks, batch * heads).
 
-        Out is addressed by (batch, head, row, dim) strides. TRANSPOSE: Out is (D, N_pad) per head
-        and the tile is transposed in registers so that its stores run along N; rows in
-        [seqlen, out_rows) are written as zeros (that layout's padding). STAGES = log2(HEAD_DIM).
-        ROUND: round to e4m3 in float32 before the conversion (for the interpreter).
+        M: the (HEAD_DIM, HEAD_DIM) rotation matrix diag(signs) H (ROTATE only). SPLIT: rotate
+        with half of it, as H = [[H', H'], [H', -H']] (H' = H of HEAD_DIM / 2): with x = [a, b]
+        and M's left half [[A], [B]] (A, B the HEAD_DIM / 2 square blocks), x @ M = [p + q, p - q]
+        where p = a @ A and q = b @ B: two dots of half the width and one butterfly stage in
+        float32, half the multiply-adds and half of M in shared memory.
+        Out: contiguous (B, H, seqlen, HEAD_DIM), or with TRANSPOSE (B, H, HEAD_DIM, n16 * 16)
+        whose rows in [seqlen, n16 * 16) get zeros (that layout's padding), with KEY_ORDER in
+        `permute_keys`'s order.
+        IEEE: the dot in IEEE float32 (see _rotate_half). ROUND: round to e4m3 in float32 before
+        the conversion (for the interpreter).
         """
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -189,79 +278,91 @@ if triton is not None:
         h = (pid_bh % heads).to(tl.int64)
         row0 = pid_m.to(tl.int64) * BLOCK_ROWS
         rows = tl.arange(0, BLOCK_ROWS)
-        cols = tl.arange(0, HEAD_DIM)
-        row_ok = row0 + rows < seqlen
-        x_base = X + b * stride_xb + h * stride_xh + row0 * stride_xn
-        y = tl.load(x_base + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=row_ok[:, None],
-                    other=0.0).to(tl.float32)
-        if ROTATE:
-            y = y * tl.load(Signs + cols)[None, :]
-            # The butterfly stages of `hadamard_rotate`, in registers: pair up neighbours, put the
-            # sums in the first half of the row and the differences in the second.
-            for _ in tl.static_range(STAGES):
-                even, odd = tl.split(tl.reshape(y, (BLOCK_ROWS, HEAD_DIM // 2, 2)))
-                y = tl.reshape(tl.permute(tl.join(even + odd, even - odd), (0, 2, 1)), (BLOCK_ROWS, HEAD_DIM))
-            y = y * INV_SQRT_D
-            y = tl.where(row_ok[:, None], y, 0.0)  # masked rows may have become -0: pad columns must be +0
-        # div_rn: IEEE division, as PyTorch's; Triton's `/` is an approximate one on the GPU.
-        scale = tl.math.div_rn(tl.max(tl.max(tl.abs(y), 1), 0), 448.0)
-        scale = tl.where(scale > 0, scale, 1.0)
-        y = tl.clamp(tl.math.div_rn(y, scale), -448.0, 448.0)
-        if ROUND:
-            y = _round_to_e4m3(y)
-        out_base = Out + b * stride_ob + h * stride_oh + row0 * stride_on
+        row_ok = (row0 + rows < seqlen)[:, None]
+        x_rows = X + b * stride_xb + h * stride_xh + (row0 + rows)[:, None] * stride_xn
         if TRANSPOSE:
-            tl.store(out_base + cols[:, None] * stride_od + rows[None, :] * stride_on,
-                     tl.trans(y.to(tl.float8e4nv)), mask=(row0 + rows < out_rows)[None, :])
+            out_rows = n16.to(tl.int64) * 16
         else:
-            tl.store(out_base + rows[:, None] * stride_on + cols[None, :] * stride_od, y.to(tl.float8e4nv),
-                     mask=(row0 + rows < out_rows)[:, None])
+            out_rows = seqlen.to(tl.int64)
+        out = Out + pid_bh.to(tl.int64) * HEAD_DIM * out_rows
+        if SPLIT:
+            WIDTH: tl.constexpr = HEAD_DIM // 2
+        else:
+            WIDTH: tl.constexpr = HEAD_DIM
+        cols = tl.arange(0, WIDTH)
+        y = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_ok, other=0.0)
+        if ROTATE:
+            # M is read once per program (from L2 after the first), its top-left WIDTH square here.
+            y = _rotate_half(y, tl.load(M + cols[:, None] * HEAD_DIM + cols[None, :]), IEEE)
+            if SPLIT:
+                q = tl.load(x_rows + (WIDTH + cols)[None, :] * stride_xd, mask=row_ok, other=0.0)
+                q = _rotate_half(q, tl.load(M + (WIDTH + cols)[:, None] * HEAD_DIM + cols[None, :]), IEEE)
+                y, y_hi = y + q, y - q
+                y_hi = tl.where(row_ok, y_hi * INV_SQRT_D, 0.0)
+            # Masked rows are zeros, but may be -0 (a sum of -0 products): the transposed layout's
+            # padding must be +0.
+            y = tl.where(row_ok, y * INV_SQRT_D, 0.0)
+        else:
+            y = y.to(tl.float32)
+        amax = tl.max(tl.max(tl.abs(y), 1), 0)
+        if SPLIT:
+            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(y_hi), 1), 0))
+        # div_rn: IEEE division, as PyTorch's; Triton's `/` is an approximate one on the GPU.
+        scale = tl.math.div_rn(amax, 448.0)
+        scale = tl.where(scale > 0, scale, 1.0)
+        _store_e4m3(out, row0, rows, cols, y, scale, out_rows, ROUND, TRANSPOSE, KEY_ORDER, HEAD_DIM)
+        if SPLIT:
+            _store_e4m3(out, row0, rows, WIDTH + cols, y_hi, scale, out_rows, ROUND, TRANSPOSE, KEY_ORDER, HEAD_DIM)
         tl.store(Descale + pid_bh * tl.num_programs(0) + pid_m, scale)
 
 
-# Warps per program for the rotation, by (head dim, block_rows): the fastest of 4, 8 and 16 on an
-# H100 (bfloat16, B=4, H=32, N=8192). The butterfly's permutes move data between threads, and
-# which count moves it best varies with the tile. Without a rotation the kernel is bound by memory
-# (the plain path runs at the speed of a cast to fp8) and the count matters little.
-ROTATION_WARPS = {(64, 64): 8, (64, 128): 16, (128, 64): 8, (128, 128): 16, (256, 64): 4, (256, 128): 16}
+def _split(head_dim: int, rotate: bool) -> bool:
+    # Rotations wider than 128 as two dots of half the width. The full D x D dot is 2D/3 flops per
+    # byte moved (2 bytes read, 1 written an element): 171 at D = 256, about what an H100 sustains
+    # in Triton's dots per byte of copy bandwidth (~500 TFLOP/s over ~3 TB/s, an estimate, not
+    # measured); split, 85, as at D = 128.
+    return rotate and head_dim > 128
 
 
-def _num_warps(head_dim: int, block_rows: int, rotate: bool, transpose: bool) -> int:
-    if rotate:
-        return ROTATION_WARPS.get((head_dim, block_rows), 8)
-    return 4 if transpose or block_rows * head_dim <= 8192 else 8
+def _num_warps(head_dim: int, block_rows: int) -> int:
+    # Unmeasured: enough warps that the float32 tile takes about 64 registers a thread (8 KiB a
+    # warp), 4 to 16. `scripts/bench_fp8_quantize.py` times the alternatives.
+    return min(16, max(4, block_rows * head_dim // 2048))
 
 
-def quantize(x, block_rows: int, signs=None, transpose: bool = False):
-    """The results of `quantize_reference`, bit for bit, from one fused Triton kernel.
+def quantize(x, block_rows: int, signs=None, transpose: bool = False, key_order: bool = False,
+             num_warps: int | None = None):
+    """The results of `quantize_reference` from one fused Triton kernel: the same bytes and
+    descales without `signs`, and with them within the rotation's float32 rounding (module
+    docstring: a few ulps in the descales, rarely an e4m3 value one step off).
 
-    Each program loads a (block_rows, D) tile of one (batch, head) through x's strides, applies
-    the signs and the fast Walsh-Hadamard transform in registers (log2(D) butterfly stages, each
-    a reshape to (block_rows, D/2, 2), a split into neighbours, a join of their sums and
-    differences and a permute that puts the sums first: no matmul), takes the tile's amax and
-    writes the e4m3 tile, transposed when asked, and its descale. Grid: (ceil(N / block_rows),
-    B * H). Ragged last blocks are masked: their missing rows count as zeros for the amax and
-    are not written (except as the zero padding of the transposed layout).
+    Each program loads a (block_rows, D) tile of one (batch, head) through x's strides, rotates it
+    by a `tl.dot` with `rotation_matrix(signs)` (two of half the width for D > 128), takes the
+    tile's amax and writes the e4m3 tile, transposed when asked, and its descale. Grid: (ceil(N /
+    block_rows), B * H). Ragged last blocks are masked: their missing rows count as zeros for the
+    amax and are not written (except as the zero padding of the transposed layout). key_order:
+    the transposed layout's keys in `permute_keys`'s order (the Hopper kernel's). num_warps:
+    the kernel's, None for `_num_warps`'s choice (for benchmarks).
     """
     _check(x, block_rows, signs)
+    if key_order and not transpose:
+        raise ValueError("key_order: applies to the transposed layout only (transpose=True)")
     batch, heads, seqlen, head_dim = x.shape
     blocks = triton.cdiv(seqlen, block_rows)
+    n16 = _padded(seqlen) // PAD
     if transpose:
-        out = torch.empty(batch, heads, head_dim, _padded(seqlen), dtype=FP8, device=x.device)
-        out_strides = out.stride(0), out.stride(1), out.stride(3), out.stride(2)  # (b, h, row, dim)
-        out_rows = out.shape[3]
+        out = torch.empty(batch, heads, head_dim, n16 * PAD, dtype=FP8, device=x.device)
     else:
         out = torch.empty(batch, heads, seqlen, head_dim, dtype=FP8, device=x.device)
-        out_strides = out.stride()
-        out_rows = seqlen
     descale = torch.empty(batch, heads, blocks, dtype=torch.float32, device=x.device)
     if blocks == 0 or batch * heads == 0:
         return out, descale
-    if signs is not None:
-        signs = signs.to(device=x.device, dtype=torch.float32).contiguous()
+    interpreted = x.device.type == "cpu"  # CPU tensors: the interpreter
+    ieee = interpreted or x.dtype == torch.float32
+    matrix = x if signs is None else rotation_matrix(signs, torch.float32 if ieee else x.dtype, x.device)
     quantize_kernel[(blocks, batch * heads)](
-        x, x if signs is None else signs, out, descale, *x.stride(), *out_strides, heads, seqlen, out_rows,
-        ROTATE=signs is not None, ROUND=x.device.type == "cpu",  # CPU tensors: the interpreter
-        TRANSPOSE=transpose, BLOCK_ROWS=block_rows, HEAD_DIM=head_dim, STAGES=head_dim.bit_length() - 1,
-        INV_SQRT_D=_inv_sqrt(head_dim), num_warps=_num_warps(head_dim, block_rows, signs is not None, transpose))
+        x, matrix, out, descale, *x.stride(), heads, seqlen, n16,
+        ROTATE=signs is not None, SPLIT=_split(head_dim, signs is not None), IEEE=ieee, ROUND=interpreted,
+        TRANSPOSE=transpose, KEY_ORDER=key_order, BLOCK_ROWS=block_rows, HEAD_DIM=head_dim, INV_SQRT_D=_inv_sqrt(head_dim),
+        num_warps=num_warps or _num_warps(head_dim, block_rows))
     return out, descale

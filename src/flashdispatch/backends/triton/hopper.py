@@ -50,10 +50,11 @@ _failure: str | None = None
 
 @gluon.jit
 def _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift, qk_scale,
-             MASKED: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+             MASKED: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
+             P_SHIFT: gl.constexpr):
     """One key block of the online softmax in the log2 domain. s: raw scores (BLOCK_M, BLOCK_N).
-    Returns P (unnormalised, float32), the new running max and sum, and the factor for the output
-    accumulated so far."""
+    Returns P (unnormalised, float32, times 2^P_SHIFT: the FP8 kernel's headroom above e4m3's
+    subnormals), the new running max and sum, and the factor for the output accumulated so far."""
     if MASKED:
         cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         visible = gl.expand_dims(cols, 0) < seqlen_k
@@ -63,7 +64,7 @@ def _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift, qk_scale,
     new_max = gl.maximum(row_max, gl.max(s, 1) * qk_scale)
     # A row that has seen no visible key yet keeps max -inf: shift it by 0 instead.
     base = gl.where(new_max == float("-inf"), 0.0, new_max)
-    p = gl.exp2(s * qk_scale - gl.expand_dims(base, 1))
+    p = gl.exp2(s * qk_scale - gl.expand_dims(base - P_SHIFT, 1))
     alpha = gl.exp2(row_max - base)
     return p, new_max, row_sum * alpha + gl.sum(p, 1), alpha
 
@@ -156,10 +157,10 @@ def _consumer(buffers, scalars, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BL
         mbarrier.arrive(k_empty.index(0), count=1)
         if full_end > 0:
             p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, 0, seqlen_k, shift, qk_scale,
-                                                  False, CAUSAL, BLOCK_N, s_layout)
+                                                  False, CAUSAL, BLOCK_N, s_layout, 0.0)
         else:
             p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, 0, seqlen_k, shift, qk_scale,
-                                                  True, CAUSAL, BLOCK_N, s_layout)
+                                                  True, CAUSAL, BLOCK_N, s_layout, 0.0)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
 
         for j in range(1, num_blocks):
@@ -180,10 +181,10 @@ def _consumer(buffers, scalars, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BL
             n0 = j * BLOCK_N
             if n0 < full_end:
                 p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift, qk_scale,
-                                                      False, CAUSAL, BLOCK_N, s_layout)
+                                                      False, CAUSAL, BLOCK_N, s_layout, 0.0)
             else:
                 p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift, qk_scale,
-                                                      True, CAUSAL, BLOCK_N, s_layout)
+                                                      True, CAUSAL, BLOCK_N, s_layout, 0.0)
             o, p_op = warpgroup_mma_wait(0, deps=(o, p_op))
             mbarrier.arrive(v_empty.index(prev), count=1)
             o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)

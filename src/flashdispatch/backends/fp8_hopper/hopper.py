@@ -1,0 +1,328 @@
+"""The FP8 attention forward for Hopper in Gluon: FlashAttention-3's warp-specialized loop with both
+matmuls on e4m3 wgmma (QGMMA).
+
+The structure is the bf16 kernel's (`backends/triton/hopper.py`): one producer warp issues TMA
+loads of Q, K_j and V_j^T into rings of shared-memory buffers; two consumer warpgroups (64 query
+rows each) take turns on the tensor cores (ping-pong), and inside each the softmax of key block j
+runs on the CUDA cores while the tensor cores multiply P_{j-1} by V_{j-1}. With FP8 the matmuls
+take half the time they take in bf16, so without that overlap the softmax would cost as much as
+both products (the plain Triton kernel, `kernel.py`, runs them in turn).
+
+Operands. Q (B, Hq, Nq, D), K (B, Hkv, Nk, D) and V^T (B, Hkv, D, Nk) in e4m3, through TMA
+descriptors; FP8 wgmma reads both operands K-major, so V arrives transposed and V_j^T's (D,
+BLOCK_N) tile is the B operand of P V as it lies. P goes from registers: the float32 scores'
+accumulator layout is converted to e4m3's A-operand layout (4 consecutive keys per register).
+
+Scales. q_descale per (batch, head, row block), k_descale and v_descale per (batch, KV head, key
+block): block stride 0 for pre-quantized inputs' (B, Hkv) descales. Per key block j:
+
+    S_j = (Q K_j^T) x q_descale x k_descale_j x scale x log2(e)          the softmax's one FFMA
+    P_j = 2^8 exp2(S_j - running max), rounded to e4m3                   (`kernel.P_SHIFT`)
+    O   = O x exp2(old max - new max) x v_descale_{j-1} / v_descale_j + P_j V_j
+
+so O is kept in units of the current block's V descale; the last one multiplies it out at the
+end, with no per-block accumulator. Masks are bottom-right aligned; key blocks wholly visible to
+a row block skip the mask.
+
+Scope: dense batches, head dim 64 or 128, causal or not, GQA. D = 256 and the CPU interpreter
+run `kernel.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ..triton.hopper import _issue_turn, _key_blocks, _pass_turn, _softmax
+
+LOG2E = 1.4426950408889634
+LN2 = gl.constexpr(0.6931471805599453)
+P_SHIFT = gl.constexpr(8.0)  # the same 2^8 as kernel.P_SHIFT: small probabilities stay normal in e4m3
+BLOCK_M = 128  # also the quantization block of Q
+BLOCK_N = 128  # also the quantization block of K and V
+STAGES = 2
+NUM_WARPS = 4  # the first consumer warpgroup; the second and the producer warp are worker partitions
+MAX_REGISTERS = 168
+HEAD_DIMS = (64, 128)
+
+log = logging.getLogger("flashdispatch")
+# Why the kernel stopped being used in this process (it failed to compile or launch), or None.
+_failure: str | None = None
+
+
+@gluon.jit
+def _producer(descs, smem, bars, coords, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr):
+    """The load warp: Q once, then K_i and V_i^T into their rings as both consumers hand buffers back."""
+    q_desc, k_desc, vt_desc = descs
+    q_smem, k_smem, vt_smem = smem
+    q_ready, k_ready, k_empty, v_ready, v_empty, turns = bars
+    b, h, h_kv, m0, seqlen_q, seqlen_k = coords
+    num_blocks, full_end = _key_blocks(m0, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+    if num_blocks > 0:
+        mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, h, m0, 0], q_ready, q_smem)
+    for i in range(num_blocks):
+        slot = i % STAGES
+        # A barrier starts in phase 1 complete, so the first pass through the ring does not wait.
+        phase = ((i // STAGES) & 1) ^ 1
+        mbarrier.wait(k_empty.index(slot), phase)
+        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [b, h_kv, i * BLOCK_N, 0], k_ready.index(slot), k_smem.index(slot))
+        mbarrier.wait(v_empty.index(slot), phase)
+        mbarrier.expect(v_ready.index(slot), vt_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(vt_desc, [b, h_kv, 0, i * BLOCK_N], v_ready.index(slot), vt_smem.index(slot))
+
+
+@gluon.jit
+def _as_operand(p, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr):
+    """P (ROWS, BLOCK_N) float32 in the scores' accumulator layout as the e4m3 A operand of P V,
+    without moving data between threads. In each 16-key group a thread holds keys 2c, 2c+1, 8+2c
+    and 9+2c (c = lane % 4), where the A operand wants 4c .. 4c+3: key 8a + 2c + j is taken as
+    operand column 4c + 2a + j (a register renaming), and V^T's columns come in that same order
+    (`quantize.permute_keys`). Then each 4 keys of a row are rounded and packed into one register."""
+    p = p.reshape([ROWS, BLOCK_N // 16, 2, 4, 2]).permute((0, 1, 3, 2, 4)).reshape([ROWS, BLOCK_N])
+    p = gl.convert_layout(p, p_layout)
+    return gl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; "
+        "mov.b32 $0, {lo, hi}; }", "=r,r,r,r,r", [p], dtype=gl.float8e4nv, is_pure=True, pack=4)
+
+
+@gluon.jit
+def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ME: gl.constexpr):
+    """Compute warpgroup ME (0 or 1): rows ME * 64 .. ME * 64 + 63 of the program's block."""
+    q_smem, k_smem, vt_smem = smem
+    q_ready, k_ready, k_empty, v_ready, v_empty, turns = bars
+    b, h, h_kv, m0, seqlen_q, seqlen_k = coords
+    q_scale, k_descale, stride_ksn, v_descale, stride_vsn = scales  # K's and V's: block 0's, and the block stride
+    Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh = outputs
+    ROWS: gl.constexpr = BLOCK_M // 2
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 32])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    num_blocks, full_end = _key_blocks(m0, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+    shift = seqlen_k - seqlen_q
+    q = q_smem.reshape([BLOCK_M, HEAD_DIM]).slice(ME * ROWS, ROWS)
+    rows = m0 + ME * ROWS + gl.arange(0, ROWS, layout=row_layout)
+    row_max = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+    row_sum = gl.zeros([ROWS], gl.float32, layout=row_layout)
+    o = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    v_scale = 1.0
+
+    if num_blocks > 0:
+        # Block 0: scores and softmax, nothing to overlap with yet.
+        mbarrier.wait(q_ready, 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        _issue_turn(turns, 0, ME)
+        s = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+                          use_acc=False, is_async=True)
+        _pass_turn(turns, ME)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        qk_scale = q_scale * gl.load(k_descale)
+        v_scale = gl.load(v_descale)
+        if full_end > 0:
+            p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, 0, seqlen_k, shift, qk_scale,
+                                                  False, CAUSAL, BLOCK_N, s_layout, P_SHIFT)
+        else:
+            p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, 0, seqlen_k, shift, qk_scale,
+                                                  True, CAUSAL, BLOCK_N, s_layout, P_SHIFT)
+        p_op = _as_operand(p, ROWS, BLOCK_N, p_layout)
+
+        for j in range(1, num_blocks):
+            # S_j = Q K_j^T and O += P_{j-1} V_{j-1}, both in flight at once.
+            slot = j % STAGES
+            prev = (j - 1) % STAGES
+            k_scale = gl.load(k_descale + j * stride_ksn)
+            next_v_scale = gl.load(v_descale + j * stride_vsn)
+            mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            _issue_turn(turns, j, ME)
+            s = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+                              use_acc=False, is_async=True)
+            o = warpgroup_mma(p_op, vt_smem.index(prev).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), o,
+                              is_async=True)
+            _pass_turn(turns, ME)
+            s = warpgroup_mma_wait(1, deps=(s,))
+            mbarrier.arrive(k_empty.index(slot), count=1)
+
+            # Softmax of block j under the running P V product.
+            n0 = j * BLOCK_N
+            if n0 < full_end:
+                p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift,
+                                                      q_scale * k_scale, False, CAUSAL, BLOCK_N, s_layout, P_SHIFT)
+            else:
+                p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift,
+                                                      q_scale * k_scale, True, CAUSAL, BLOCK_N, s_layout, P_SHIFT)
+            o = warpgroup_mma_wait(0, deps=(o,))
+            mbarrier.arrive(v_empty.index(prev), count=1)
+            # O moves to block j's max and to block j's V descale in one multiply.
+            o = o * gl.expand_dims(gl.convert_layout(alpha * (v_scale / next_v_scale), o_rows), 1)
+            v_scale = next_v_scale
+            p_op = _as_operand(p, ROWS, BLOCK_N, p_layout)
+
+        # The last block's P V.
+        last = num_blocks - 1
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        _issue_turn(turns, num_blocks, ME)
+        o = warpgroup_mma(p_op, vt_smem.index(last % STAGES).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), o,
+                          is_async=True)
+        _pass_turn(turns, ME)
+        o = warpgroup_mma_wait(0, deps=(o,))
+        mbarrier.arrive(v_empty.index(last % STAGES), count=1)
+
+    # Rows that saw no key (row_sum 0) give output 0 and LSE -inf. The sums carry P's 2^8.
+    seen = row_sum > 0
+    lse = gl.where(seen, (row_max + gl.log2(gl.where(seen, row_sum, 1.0)) - P_SHIFT) * LN2, float("-inf"))
+    inv = gl.where(seen, v_scale / gl.where(seen, row_sum, 1.0), 0.0)
+    o = o * gl.expand_dims(gl.convert_layout(inv, o_rows), 1)
+    gl.store(Lse + b * stride_lb + h * stride_lh + rows, lse, mask=rows < seqlen_q)
+
+    # Stores in 16-byte vectors along the head dim.
+    out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
+    out = gl.convert_layout(o.to(Out.dtype.element_ty), out_layout)
+    out_rows = m0 + ME * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, out_layout))
+    out_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
+    ptrs = (Out + b * stride_ob + h * stride_oh + gl.expand_dims(out_rows, 1) * stride_om
+            + gl.expand_dims(out_cols, 0))
+    gl.store(ptrs, out, mask=gl.expand_dims(out_rows < seqlen_q, 1))
+
+
+@gluon.jit
+def _first_consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 0)
+
+
+@gluon.jit
+def _second_consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 1)
+
+
+@gluon.jit
+def fp8_hopper_forward(
+    q_desc, k_desc, vt_desc, Out, Lse, QDescale, KDescale, VDescale,
+    stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+    stride_qsb, stride_qsh, stride_qsm, stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
+    seqlen_q, seqlen_k, heads, group, q_scale_group, scale_log2,
+    CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    """Grid: (query blocks, batch * query heads). Out (B, Hq, Nq, D) through its strides, Lse (B, Hq,
+    Nq). QDescale is read at (b, h // q_scale_group, row block), KDescale and VDescale at (b, h_kv,
+    key block): strides in elements, a block stride of 0 for one descale per head. scale_log2:
+    scale x log2(e), positive."""
+    # Row blocks in reverse: with a causal mask the last ones see the most keys; longest first.
+    m_block = gl.num_programs(0) - 1 - gl.program_id(0)
+    m0 = m_block * BLOCK_M
+    b = gl.program_id(1) // heads
+    h = gl.program_id(1) % heads
+    h_kv = h // group
+    q_scale = gl.load(QDescale + b * stride_qsb + (h // q_scale_group) * stride_qsh + m_block * stride_qsm) * scale_log2
+    k_descale = KDescale + b * stride_ksb + h_kv * stride_ksh
+    v_descale = VDescale + b * stride_vsb + h_kv * stride_vsh
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    vt_smem = gl.allocate_shared_memory(vt_desc.dtype, [STAGES] + vt_desc.block_type.shape, vt_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_ready, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # both consumers hand each buffer back
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turns.index(i), count=1)
+
+    descs = (q_desc, k_desc, vt_desc)
+    smem = (q_smem, k_smem, vt_smem)
+    bars = (q_ready, k_ready, k_empty, v_ready, v_empty, turns)
+    coords = (b, h, h_kv, m0, seqlen_q, seqlen_k)
+    scales = (q_scale, k_descale, stride_ksn, v_descale, stride_vsn)
+    outputs = (Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh)
+    gl.warp_specialize([
+        (_first_consumer, (descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+        (_second_consumer, (descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+        (_producer, (descs, smem, bars, coords, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+    ], [4, 1], [240, 24])
+
+
+# Host side
+
+
+def problem_reasons(problem) -> list[str]:
+    """Why this kernel does not take `problem` (empty: it does); `kernel.py` takes the rest."""
+    reasons = [_failure] if _failure else []
+    if problem.head_dim not in HEAD_DIMS:
+        reasons.append(f"head dims {' or '.join(map(str, HEAD_DIMS))} only")
+    if problem.scale <= 0:
+        reasons.append("positive scales only (the row max is taken before scaling)")
+    return reasons
+
+
+def _descriptor(t: torch.Tensor, block: list[int]):
+    """A descriptor over the 4-d e4m3 tensor t in `block`s, or None where TMA cannot address it (an
+    empty dim, a non-unit last stride, a base or stride not a multiple of 16 bytes)."""
+    # The stride of a dimension of size 1 never moves the address: any aligned value will do.
+    strides = [x if n > 1 else 16 for x, n in zip(t.stride(), t.shape)]
+    if 0 in t.shape or strides[3] != 1 or t.data_ptr() % 16 or any(x <= 0 or x % 16 for x in strides[:3]):
+        return None
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv)
+    return TensorDescriptor(t, list(t.shape), strides, block, layout)
+
+
+def _block_strides(descale: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, block) strides of a (B, H, blocks) or (B, H) descale (block stride 0)."""
+    return (*descale.stride()[:2], descale.stride(2) if descale.dim() == 3 else 0)
+
+
+def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_only: bool = False):
+    """(out, lse) of `problem` from e4m3 q8 (B, Hq, Nq, D), k8 (B, Hkv, Nk, D) and vt8 (B, Hkv, D,
+    N_pad) with its keys in `quantize.permute_keys`'s order and zero padding, or None where TMA cannot address them; compile_only: the compiled kernel, not run.
+    descales: float32 (q, k, v), each (B, H, blocks) (one per row block of BLOCK_M or key block of
+    BLOCK_N) or (B, H) (one per head); q's head index is h // q_scale_group."""
+    d = problem.head_dim
+    descriptors = (_descriptor(q8, [1, 1, BLOCK_M, d]), _descriptor(k8, [1, 1, BLOCK_N, d]),
+                   _descriptor(vt8, [1, 1, d, BLOCK_N]))
+    if None in descriptors:
+        return None
+    batch, heads_q, seqlen_q = q8.shape[:3]
+    out = torch.empty(q8.shape, dtype=out_dtype, device=q8.device)
+    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q8.device)
+    grid = (triton.cdiv(seqlen_q, BLOCK_M), batch * heads_q)
+    kernel = fp8_hopper_forward.warmup if compile_only else fp8_hopper_forward[grid]
+    extra = dict(grid=grid) if compile_only else {}
+    try:
+        compiled = kernel(*descriptors, out, lse, *descales, *out.stride()[:3], *lse.stride()[:2],
+               *(s for descale in descales for s in _block_strides(descale)),
+               seqlen_q, problem.seqlen_k, heads_q, problem.group_size, q_scale_group, problem.scale * LOG2E,
+               CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES,
+               num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
+    except Exception as exc:  # noqa: BLE001 - fall back to the portable kernel, say so once
+        if compile_only:
+            raise
+        global _failure
+        _failure = f"the Gluon FP8 kernel failed in this process ({type(exc).__name__}: {exc})"[:300]
+        log.warning("flashdispatch fp8-hopper: %s; using the portable Triton kernel instead", _failure)
+        return None
+    return compiled if compile_only else (out, lse)
