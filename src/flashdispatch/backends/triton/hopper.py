@@ -49,9 +49,26 @@ _failure: str | None = None
 
 
 @gluon.jit
+def _row_reduce(x, IS_MAX: gl.constexpr):
+    """max or sum over each row of x (ROWS, BLOCK_N) in a wgmma accumulator layout, as a tree: a
+    thread holds columns 8i + 2c + j (c = lane % 4) and pairs them up in log2(BLOCK_N / 4) rounds
+    of independent operations (a plain reduction chains them one after another), then the 4 lanes
+    of a row combine theirs."""
+    ROWS: gl.constexpr = x.shape[0]
+    BLOCK_N: gl.constexpr = x.shape[1]
+    x = x.reshape([ROWS, BLOCK_N // 8, 4, 2]).permute((0, 2, 1, 3)).reshape([ROWS, 4, BLOCK_N // 4])
+    width: gl.constexpr = BLOCK_N // 4
+    for _ in gl.static_range(width.bit_length() - 1):
+        a, b = x.reshape([ROWS, 4, x.shape[2] // 2, 2]).split()
+        x = gl.maximum(a, b) if IS_MAX else a + b
+    x = x.reshape([ROWS, 4])
+    return gl.max(x, 1) if IS_MAX else gl.sum(x, 1)
+
+
+@gluon.jit
 def _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift, qk_scale,
              MASKED: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-             P_SHIFT: gl.constexpr):
+             P_SHIFT: gl.constexpr, TREE: gl.constexpr = False):
     """One key block of the online softmax in the log2 domain. s: raw scores (BLOCK_M, BLOCK_N).
     Returns P (unnormalised, float32, times 2^P_SHIFT: the FP8 kernel's headroom above e4m3's
     subnormals), the new running max and sum, and the factor for the output accumulated so far."""
@@ -61,12 +78,20 @@ def _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift, qk_scale,
         if CAUSAL:
             visible = visible & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1) + shift)
         s = gl.where(visible, s, float("-inf"))
-    new_max = gl.maximum(row_max, gl.max(s, 1) * qk_scale)
+    if TREE:
+        block_max = gl.convert_layout(_row_reduce(s, True), row_max.type.layout)
+    else:
+        block_max = gl.max(s, 1)
+    new_max = gl.maximum(row_max, block_max * qk_scale)
     # A row that has seen no visible key yet keeps max -inf: shift it by 0 instead.
     base = gl.where(new_max == float("-inf"), 0.0, new_max)
     p = gl.exp2(s * qk_scale - gl.expand_dims(base - P_SHIFT, 1))
     alpha = gl.exp2(row_max - base)
-    return p, new_max, row_sum * alpha + gl.sum(p, 1), alpha
+    if TREE:
+        block_sum = gl.convert_layout(_row_reduce(p, False), row_sum.type.layout)
+    else:
+        block_sum = gl.sum(p, 1)
+    return p, new_max, row_sum * alpha + block_sum, alpha
 
 
 @gluon.jit

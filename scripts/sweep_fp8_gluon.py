@@ -1,0 +1,46 @@
+"""Sweep of the Gluon FP8 forward's pipeline settings on pre-arranged e4m3 inputs (H100/H200):
+TFLOP/s of `fp8_hopper.hopper.forward` per (TREE, PINGPONG) at D = 128, beside the portable
+Triton kernel through attention() on the same inputs and cuDNN's bf16. Run from the repository root with
+PYTHONPATH=src:scripts; one line per case starting with `sweep:`."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.functional import scaled_dot_product_attention
+
+from flashdispatch import attention
+from flashdispatch.backends.fp8_hopper import hopper, to_kernel_layout
+from flashdispatch.dispatcher.problem import build_problem
+from flashdispatch.timing import median_time
+from gpu_grid import prefill_cases
+
+FP8 = torch.float8_e4m3fn
+
+
+def main() -> None:
+    for d, n, causal, q, k, v, flops in prefill_cases(head_dims=(128,), lengths=(4096, 16384)):
+        q8, k8, v8 = (t.to(FP8) for t in (q, k, v))
+        ones = torch.ones(q.shape[0], q.shape[1], device="cuda")
+        problem = build_problem(q8, k8, v8, causal=causal, descales=(ones, ones, ones))
+        vt = to_kernel_layout(v8).transpose(2, 3)
+        vt = vt.as_strided((*vt.shape[:3], -(-n // 16) * 16), vt.stride())
+        rates = []
+        for tree, pingpong in ((False, True), (True, True), (True, False), (False, False)):
+            hopper.TREE, hopper.PINGPONG = tree, pingpong
+            seconds = median_time(lambda: hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem), "cuda")
+            rates.append(f"tree {tree:d} pingpong {pingpong:d}: {flops / seconds / 1e12:.0f}")
+        hopper.TREE, hopper.PINGPONG = True, True
+        hopper._failure = "sweep: the portable kernel"
+        seconds = median_time(lambda: attention(q8, k8, v8.transpose(2, 3).contiguous().transpose(2, 3), causal=causal,
+                                                q_descale=ones, k_descale=ones, v_descale=ones), "cuda")
+        hopper._failure = None
+        rates.append(f"portable {flops / seconds / 1e12:.0f}")
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            seconds = median_time(lambda: scaled_dot_product_attention(q, k, v, is_causal=causal), "cuda")
+        rates.append(f"cudnn bf16 {flops / seconds / 1e12:.0f}")
+        print(f"sweep: D={d} N={n} causal={causal}: " + ", ".join(rates) + " TFLOP/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
