@@ -39,7 +39,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ..triton.hopper import _issue_turn, _key_blocks, _pass_turn, _softmax
+from ..triton.hopper import _key_blocks, _softmax
 
 LOG2E = 1.4426950408889634
 LN2 = gl.constexpr(0.6931471805599453)
@@ -47,8 +47,6 @@ P_SHIFT = gl.constexpr(8.0)  # the same 2^8 as kernel.P_SHIFT: small probabiliti
 BLOCK_M = 128  # also the quantization block of Q
 BLOCK_N = 128  # also the quantization block of K and V
 STAGES = 2
-TREE = True  # row max and sum as trees of independent operations (`_row_reduce`)
-PINGPONG = True  # the consumers take turns on the tensor cores
 NUM_WARPS = 4  # the first consumer warpgroup; the second and the producer warp are worker partitions
 MAX_REGISTERS = 168
 HEAD_DIMS = (64, 128)
@@ -64,7 +62,7 @@ def _producer(descs, smem, bars, coords, CAUSAL: gl.constexpr, BLOCK_M: gl.const
     """The load warp: Q once, then K_i and V_i^T into their rings as both consumers hand buffers back."""
     q_desc, k_desc, vt_desc = descs
     q_smem, k_smem, vt_smem = smem
-    q_ready, k_ready, k_empty, v_ready, v_empty, turns = bars
+    q_ready, k_ready, k_empty, v_ready, v_empty = bars
     b, h, h_kv, m0, seqlen_q, seqlen_k = coords
     num_blocks, full_end = _key_blocks(m0, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
     if num_blocks > 0:
@@ -98,11 +96,10 @@ def _as_operand(p, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.const
 
 @gluon.jit
 def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ME: gl.constexpr,
-              TREE: gl.constexpr, PINGPONG: gl.constexpr):
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ME: gl.constexpr):
     """Compute warpgroup ME (0 or 1): rows ME * 64 .. ME * 64 + 63 of the program's block."""
     q_smem, k_smem, vt_smem = smem
-    q_ready, k_ready, k_empty, v_ready, v_empty, turns = bars
+    q_ready, k_ready, k_empty, v_ready, v_empty = bars
     b, h, h_kv, m0, seqlen_q, seqlen_k = coords
     q_scale, k_descale, stride_ksn, v_descale, stride_vsn = scales  # K's and V's: block 0's, and the block stride
     Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh = outputs
@@ -129,23 +126,18 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
         # Block 0: scores and softmax, nothing to overlap with yet.
         mbarrier.wait(q_ready, 0)
         mbarrier.wait(k_ready.index(0), 0)
-        if PINGPONG:
-            _issue_turn(turns, 0, ME)
         s = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                           use_acc=False, is_async=True)
-        if PINGPONG:
-            _pass_turn(turns, ME)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
         qk_scale = q_scale * gl.load(k_descale)
         v_scale = gl.load(v_descale)
         if full_end > 0:
             p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, 0, seqlen_k, shift, qk_scale,
-                                                  False, CAUSAL, BLOCK_N, s_layout, P_SHIFT, TREE)
+                                                  False, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True)
         else:
             p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, 0, seqlen_k, shift, qk_scale,
-                                                  True, CAUSAL, BLOCK_N, s_layout, P_SHIFT, TREE)
-        p_op = _as_operand(p, ROWS, BLOCK_N, p_layout)
+                                                  True, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True)
 
         for j in range(1, num_blocks):
             # S_j = Q K_j^T and O += P_{j-1} V_{j-1}, both in flight at once.
@@ -155,14 +147,11 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
             next_v_scale = gl.load(v_descale + j * stride_vsn)
             mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
             mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-            if PINGPONG:
-                _issue_turn(turns, j, ME)
+            p_op = _as_operand(p, ROWS, BLOCK_N, p_layout)
             s = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                               use_acc=False, is_async=True)
             o = warpgroup_mma(p_op, vt_smem.index(prev).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), o,
                               is_async=True)
-            if PINGPONG:
-                _pass_turn(turns, ME)
             s = warpgroup_mma_wait(1, deps=(s,))
             mbarrier.arrive(k_empty.index(slot), count=1)
 
@@ -170,26 +159,21 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
             n0 = j * BLOCK_N
             if n0 < full_end:
                 p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift,
-                                                      q_scale * k_scale, False, CAUSAL, BLOCK_N, s_layout, P_SHIFT, TREE)
+                                                      q_scale * k_scale, False, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True)
             else:
                 p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift,
-                                                      q_scale * k_scale, True, CAUSAL, BLOCK_N, s_layout, P_SHIFT, TREE)
+                                                      q_scale * k_scale, True, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True)
             o = warpgroup_mma_wait(0, deps=(o,))
             mbarrier.arrive(v_empty.index(prev), count=1)
             # O moves to block j's max and to block j's V descale in one multiply.
             o = o * gl.expand_dims(gl.convert_layout(alpha * (v_scale / next_v_scale), o_rows), 1)
             v_scale = next_v_scale
-            p_op = _as_operand(p, ROWS, BLOCK_N, p_layout)
 
         # The last block's P V.
         last = num_blocks - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        if PINGPONG:
-            _issue_turn(turns, num_blocks, ME)
-        o = warpgroup_mma(p_op, vt_smem.index(last % STAGES).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), o,
+        o = warpgroup_mma(_as_operand(p, ROWS, BLOCK_N, p_layout), vt_smem.index(last % STAGES).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), o,
                           is_async=True)
-        if PINGPONG:
-            _pass_turn(turns, ME)
         o = warpgroup_mma_wait(0, deps=(o,))
         mbarrier.arrive(v_empty.index(last % STAGES), count=1)
 
@@ -211,17 +195,15 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
 
 
 @gluon.jit
-def _first_consumer(descs, smem, bars, coords, scales, outputs, TREE: gl.constexpr, PINGPONG: gl.constexpr, CAUSAL: gl.constexpr,
-                    HEAD_DIM: gl.constexpr,
+def _first_consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 0, TREE, PINGPONG)
+    _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 0)
 
 
 @gluon.jit
-def _second_consumer(descs, smem, bars, coords, scales, outputs, TREE: gl.constexpr, PINGPONG: gl.constexpr, CAUSAL: gl.constexpr,
-                    HEAD_DIM: gl.constexpr,
+def _second_consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 1, TREE, PINGPONG)
+    _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 1)
 
 
 @gluon.jit
@@ -231,7 +213,7 @@ def fp8_hopper_forward(
     stride_qsb, stride_qsh, stride_qsm, stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     seqlen_q, seqlen_k, heads, group, q_scale_group, scale_log2,
     CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, TREE: gl.constexpr, PINGPONG: gl.constexpr,
+    STAGES: gl.constexpr,
 ):
     """Grid: (query blocks, batch * query heads). Out (B, Hq, Nq, D) through its strides, Lse (B, Hq,
     Nq). QDescale is read at (b, h // q_scale_group, row block), KDescale and VDescale at (b, h_kv,
@@ -255,25 +237,22 @@ def fp8_hopper_forward(
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=2)  # both consumers hand each buffer back
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(v_empty.index(i), count=2)
-    for i in gl.static_range(2):
-        mbarrier.init(turns.index(i), count=1)
 
     descs = (q_desc, k_desc, vt_desc)
     smem = (q_smem, k_smem, vt_smem)
-    bars = (q_ready, k_ready, k_empty, v_ready, v_empty, turns)
+    bars = (q_ready, k_ready, k_empty, v_ready, v_empty)
     coords = (b, h, h_kv, m0, seqlen_q, seqlen_k)
     scales = (q_scale, k_descale, stride_ksn, v_descale, stride_vsn)
     outputs = (Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh)
     gl.warp_specialize([
-        (_first_consumer, (descs, smem, bars, coords, scales, outputs, TREE, PINGPONG, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
-        (_second_consumer, (descs, smem, bars, coords, scales, outputs, TREE, PINGPONG, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+        (_first_consumer, (descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+        (_second_consumer, (descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
         (_producer, (descs, smem, bars, coords, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
 
@@ -328,7 +307,7 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
                *(s for descale in descales for s in _block_strides(descale)),
                seqlen_q, problem.seqlen_k, heads_q, problem.group_size, q_scale_group, problem.scale * LOG2E,
                CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES,
-               TREE=TREE, PINGPONG=PINGPONG, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
+               num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
     except Exception as exc:  # noqa: BLE001 - fall back to the portable kernel, say so once
         if compile_only:
             raise
