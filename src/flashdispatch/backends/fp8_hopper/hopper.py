@@ -1,17 +1,17 @@
 """The FP8 attention forward for Hopper in Gluon: FlashAttention-3's warp-specialized loop with both
 matmuls on e4m3 wgmma (QGMMA).
 
-The structure is the bf16 kernel's (`backends/triton/hopper.py`): one producer warp issues TMA
-loads of Q, K_j and V_j^T into rings of shared-memory buffers; two consumer warpgroups (64 query
-rows each) take turns on the tensor cores (ping-pong), and inside each the softmax of key block j
-runs on the CUDA cores while the tensor cores multiply P_{j-1} by V_{j-1}. With FP8 the matmuls
-take half the time they take in bf16, so without that overlap the softmax would cost as much as
-both products (the plain Triton kernel, `kernel.py`, runs them in turn).
+One producer warp issues TMA loads of Q, K_j and V_j^T into rings of shared-memory buffers; two
+consumer warpgroups (64 query rows each) run free (no ping-pong: measured faster here), and inside
+each the softmax of key block j runs on the CUDA cores while the tensor cores multiply P_{j-1} by
+V_{j-1}. With FP8 the matmuls take half the time they take in bf16, so the kernel is bound by the
+softmax's instructions and their latency: row reductions as trees, P packed into the wgmma's A
+registers without moving data between threads (below). docs/notes/fp8.md has the measurements.
 
-Operands. Q (B, Hq, Nq, D), K (B, Hkv, Nk, D) and V^T (B, Hkv, D, Nk) in e4m3, through TMA
+Operands. Q (B, Hq, Nq, D), K (B, Hkv, Nk, D) and V^T (B, Hkv, D, N_pad) in e4m3, through TMA
 descriptors; FP8 wgmma reads both operands K-major, so V arrives transposed and V_j^T's (D,
-BLOCK_N) tile is the B operand of P V as it lies. P goes from registers: the float32 scores'
-accumulator layout is converted to e4m3's A-operand layout (4 consecutive keys per register).
+BLOCK_N) tile is the B operand of P V as it lies, its keys in `quantize.permute_keys`'s order.
+P goes from registers: 4 keys of a row to a register, rounded and packed by `_as_operand`.
 
 Scales. q_descale per (batch, head, row block), k_descale and v_descale per (batch, KV head, key
 block): block stride 0 for pre-quantized inputs' (B, Hkv) descales. Per key block j:
