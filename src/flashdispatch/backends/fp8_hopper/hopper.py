@@ -39,10 +39,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ..triton.hopper import _key_blocks, _softmax
+from ..triton.hopper import _block_softmax, _key_blocks, _write_rows
 
 LOG2E = 1.4426950408889634
-LN2 = gl.constexpr(0.6931471805599453)
 P_SHIFT = gl.constexpr(8.0)  # the same 2^8 as kernel.P_SHIFT: small probabilities stay normal in e4m3
 BLOCK_M = 128  # also the quantization block of Q
 BLOCK_N = 128  # also the quantization block of K and V
@@ -132,12 +131,8 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
         mbarrier.arrive(k_empty.index(0), count=1)
         qk_scale = q_scale * gl.load(k_descale)
         v_scale = gl.load(v_descale)
-        if full_end > 0:
-            p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, 0, seqlen_k, shift, qk_scale,
-                                                  False, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True)
-        else:
-            p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, 0, seqlen_k, shift, qk_scale,
-                                                  True, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True)
+        p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, 0, full_end, seqlen_k, shift,
+                                                    qk_scale, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True)
 
         for j in range(1, num_blocks):
             # S_j = Q K_j^T and O += P_{j-1} V_{j-1}, both in flight at once.
@@ -157,12 +152,8 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
 
             # Softmax of block j under the running P V product.
             n0 = j * BLOCK_N
-            if n0 < full_end:
-                p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift,
-                                                      q_scale * k_scale, False, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True)
-            else:
-                p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift,
-                                                      q_scale * k_scale, True, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True)
+            p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, n0, full_end, seqlen_k, shift,
+                                                        q_scale * k_scale, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True)
             o = warpgroup_mma_wait(0, deps=(o,))
             mbarrier.arrive(v_empty.index(prev), count=1)
             # O moves to block j's max and to block j's V descale in one multiply.
@@ -177,21 +168,8 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
         o = warpgroup_mma_wait(0, deps=(o,))
         mbarrier.arrive(v_empty.index(last % STAGES), count=1)
 
-    # Rows that saw no key (row_sum 0) give output 0 and LSE -inf. The sums carry P's 2^8.
-    seen = row_sum > 0
-    lse = gl.where(seen, (row_max + gl.log2(gl.where(seen, row_sum, 1.0)) - P_SHIFT) * LN2, float("-inf"))
-    inv = gl.where(seen, v_scale / gl.where(seen, row_sum, 1.0), 0.0)
-    o = o * gl.expand_dims(gl.convert_layout(inv, o_rows), 1)
-    gl.store(Lse + b * stride_lb + h * stride_lh + rows, lse, mask=rows < seqlen_q)
-
-    # Stores in 16-byte vectors along the head dim.
-    out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
-    out = gl.convert_layout(o.to(Out.dtype.element_ty), out_layout)
-    out_rows = m0 + ME * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, out_layout))
-    out_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
-    ptrs = (Out + b * stride_ob + h * stride_oh + gl.expand_dims(out_rows, 1) * stride_om
-            + gl.expand_dims(out_cols, 0))
-    gl.store(ptrs, out, mask=gl.expand_dims(out_rows < seqlen_q, 1))
+    _write_rows(o, row_max, row_sum, v_scale, rows, m0 + ME * ROWS, seqlen_q, Out + b * stride_ob + h * stride_oh,
+                stride_om, Lse + b * stride_lb + h * stride_lh, P_SHIFT, HEAD_DIM, o_layout)
 
 
 @gluon.jit

@@ -49,49 +49,85 @@ _failure: str | None = None
 
 
 @gluon.jit
-def _row_reduce(x, IS_MAX: gl.constexpr):
-    """max or sum over each row of x (ROWS, BLOCK_N) in a wgmma accumulator layout, as a tree: a
-    thread holds columns 8i + 2c + j (c = lane % 4) and pairs them up in log2(BLOCK_N / 4) rounds
-    of independent operations (a plain reduction chains them one after another), then the 4 lanes
-    of a row combine theirs."""
-    ROWS: gl.constexpr = x.shape[0]
-    BLOCK_N: gl.constexpr = x.shape[1]
-    x = x.reshape([ROWS, BLOCK_N // 8, 4, 2]).permute((0, 2, 1, 3)).reshape([ROWS, 4, BLOCK_N // 4])
-    width: gl.constexpr = BLOCK_N // 4
-    for _ in gl.static_range(width.bit_length() - 1):
-        a, b = x.reshape([ROWS, 4, x.shape[2] // 2, 2]).split()
-        x = gl.maximum(a, b) if IS_MAX else a + b
-    x = x.reshape([ROWS, 4])
-    return gl.max(x, 1) if IS_MAX else gl.sum(x, 1)
+def _row_reduce(x, IS_MAX: gl.constexpr, TREE: gl.constexpr, layout: gl.constexpr):
+    """max or sum over each row of x (ROWS, BLOCK_N), in `layout`. TREE (x in a wgmma accumulator
+    layout): a thread holds columns 8i + 2c + j (c = lane % 4) and pairs them up in
+    log2(BLOCK_N / 4) rounds of independent operations, where a plain reduction chains them one
+    after another; then the 4 lanes of a row combine theirs."""
+    if TREE:
+        ROWS: gl.constexpr = x.shape[0]
+        BLOCK_N: gl.constexpr = x.shape[1]
+        x = x.reshape([ROWS, BLOCK_N // 8, 4, 2]).permute((0, 2, 1, 3)).reshape([ROWS, 4, BLOCK_N // 4])
+        width: gl.constexpr = BLOCK_N // 4
+        for _ in gl.static_range(width.bit_length() - 1):
+            a, b = x.reshape([ROWS, 4, x.shape[2] // 2, 2]).split()
+            x = gl.maximum(a, b) if IS_MAX else a + b
+        x = x.reshape([ROWS, 4])
+    return gl.convert_layout(gl.max(x, 1) if IS_MAX else gl.sum(x, 1), layout)
 
 
 @gluon.jit
 def _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift, qk_scale,
              MASKED: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-             P_SHIFT: gl.constexpr, TREE: gl.constexpr = False):
+             P_SHIFT: gl.constexpr, TREE: gl.constexpr):
     """One key block of the online softmax in the log2 domain. s: raw scores (BLOCK_M, BLOCK_N).
     Returns P (unnormalised, float32, times 2^P_SHIFT: the FP8 kernel's headroom above e4m3's
-    subnormals), the new running max and sum, and the factor for the output accumulated so far."""
+    subnormals), the new running max and sum, and the factor for the output accumulated so far.
+    TREE: row reductions as trees (`_row_reduce`)."""
     if MASKED:
         cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         visible = gl.expand_dims(cols, 0) < seqlen_k
         if CAUSAL:
             visible = visible & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1) + shift)
         s = gl.where(visible, s, float("-inf"))
-    if TREE:
-        block_max = gl.convert_layout(_row_reduce(s, True), row_max.type.layout)
-    else:
-        block_max = gl.max(s, 1)
-    new_max = gl.maximum(row_max, block_max * qk_scale)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    new_max = gl.maximum(row_max, _row_reduce(s, True, TREE, row_layout) * qk_scale)
     # A row that has seen no visible key yet keeps max -inf: shift it by 0 instead.
     base = gl.where(new_max == float("-inf"), 0.0, new_max)
-    p = gl.exp2(s * qk_scale - gl.expand_dims(base - P_SHIFT, 1))
-    alpha = gl.exp2(row_max - base)
-    if TREE:
-        block_sum = gl.convert_layout(_row_reduce(p, False), row_sum.type.layout)
+    if P_SHIFT == 0.0:
+        p = gl.exp2(s * qk_scale - gl.expand_dims(base, 1))
     else:
-        block_sum = gl.sum(p, 1)
-    return p, new_max, row_sum * alpha + block_sum, alpha
+        p = gl.exp2(s * qk_scale - gl.expand_dims(base - P_SHIFT, 1))
+    alpha = gl.exp2(row_max - base)
+    return p, new_max, row_sum * alpha + _row_reduce(p, False, TREE, row_layout), alpha
+
+
+@gluon.jit
+def _block_softmax(s, row_max, row_sum, rows, n0, full_end, seqlen_k, shift, qk_scale, CAUSAL: gl.constexpr,
+                   BLOCK_N: gl.constexpr, s_layout: gl.constexpr, P_SHIFT: gl.constexpr, TREE: gl.constexpr):
+    """`_softmax` of the key block at n0, masked only where it reaches keys from full_end on."""
+    if n0 < full_end:
+        p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift, qk_scale, False,
+                                              CAUSAL, BLOCK_N, s_layout, P_SHIFT, TREE)
+    else:
+        p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift, qk_scale, True,
+                                              CAUSAL, BLOCK_N, s_layout, P_SHIFT, TREE)
+    return p, row_max, row_sum, alpha
+
+
+@gluon.jit
+def _write_rows(o, row_max, row_sum, out_scale, rows, row0, seqlen_q, Out, stride_om, Lse,
+                P_SHIFT: gl.constexpr, HEAD_DIM: gl.constexpr, o_layout: gl.constexpr):
+    """A consumer's rows of the output, o x out_scale / row_sum, and their LSE (the sums carry
+    P's 2^P_SHIFT). Out and Lse point at this (batch, head). Rows that saw no key (row_sum 0) give
+    output 0 and LSE -inf."""
+    seen = row_sum > 0
+    if P_SHIFT == 0.0:
+        lse = gl.where(seen, (row_max + gl.log2(gl.where(seen, row_sum, 1.0))) * LN2, float("-inf"))
+    else:
+        lse = gl.where(seen, (row_max + gl.log2(gl.where(seen, row_sum, 1.0)) - P_SHIFT) * LN2, float("-inf"))
+    inv = gl.where(seen, out_scale / gl.where(seen, row_sum, 1.0), 0.0)
+    o = o * gl.expand_dims(gl.convert_layout(inv, gl.SliceLayout(1, o_layout)), 1)
+    gl.store(Lse + rows, lse, mask=rows < seqlen_q)
+
+    # Stores in 16-byte vectors along the head dim.
+    ROWS: gl.constexpr = o.shape[0]
+    out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
+    out = gl.convert_layout(o.to(Out.dtype.element_ty), out_layout)
+    out_rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, out_layout))
+    out_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
+    ptrs = Out + gl.expand_dims(out_rows, 1) * stride_om + gl.expand_dims(out_cols, 0)
+    gl.store(ptrs, out, mask=gl.expand_dims(out_rows < seqlen_q, 1))
 
 
 @gluon.jit
@@ -180,12 +216,8 @@ def _consumer(buffers, scalars, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BL
         _pass_turn(turns, ME)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
-        if full_end > 0:
-            p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, 0, seqlen_k, shift, qk_scale,
-                                                  False, CAUSAL, BLOCK_N, s_layout, 0.0)
-        else:
-            p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, 0, seqlen_k, shift, qk_scale,
-                                                  True, CAUSAL, BLOCK_N, s_layout, 0.0)
+        p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, 0, full_end, seqlen_k, shift,
+                                                    qk_scale, CAUSAL, BLOCK_N, s_layout, 0.0, False)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
 
         for j in range(1, num_blocks):
@@ -204,12 +236,8 @@ def _consumer(buffers, scalars, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BL
 
             # Softmax of block j under the running P V product.
             n0 = j * BLOCK_N
-            if n0 < full_end:
-                p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift, qk_scale,
-                                                      False, CAUSAL, BLOCK_N, s_layout, 0.0)
-            else:
-                p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift, qk_scale,
-                                                      True, CAUSAL, BLOCK_N, s_layout, 0.0)
+            p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, n0, full_end, seqlen_k, shift,
+                                                        qk_scale, CAUSAL, BLOCK_N, s_layout, 0.0, False)
             o, p_op = warpgroup_mma_wait(0, deps=(o, p_op))
             mbarrier.arrive(v_empty.index(prev), count=1)
             o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
@@ -224,21 +252,8 @@ def _consumer(buffers, scalars, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BL
         o = warpgroup_mma_wait(0, deps=(o,))
         mbarrier.arrive(v_empty.index(last % STAGES), count=1)
 
-    # Rows that saw no key (row_sum 0) give output 0 and LSE -inf.
-    seen = row_sum > 0
-    lse = gl.where(seen, (row_max + gl.log2(gl.where(seen, row_sum, 1.0))) * LN2, float("-inf"))
-    inv = gl.where(seen, 1.0 / gl.where(seen, row_sum, 1.0), 0.0)
-    o = o * gl.expand_dims(gl.convert_layout(inv, gl.SliceLayout(1, o_layout)), 1)
-    gl.store(Lse + b * stride_lb + h * stride_lh + rows, lse, mask=rows < seqlen_q)
-
-    # Stores in 16-byte vectors along the head dim.
-    out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
-    out = gl.convert_layout(o.to(dtype), out_layout)
-    out_rows = m0 + ME * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, out_layout))
-    out_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
-    ptrs = (Out + b * stride_ob + h * stride_oh + gl.expand_dims(out_rows, 1) * stride_om
-            + gl.expand_dims(out_cols, 0))
-    gl.store(ptrs, out, mask=gl.expand_dims(out_rows < seqlen_q, 1))
+    _write_rows(o, row_max, row_sum, 1.0, rows, m0 + ME * ROWS, seqlen_q, Out + b * stride_ob + h * stride_oh,
+                stride_om, Lse + b * stride_lb + h * stride_lh, 0.0, HEAD_DIM, o_layout)
 
 
 @gluon.jit
