@@ -26,7 +26,9 @@ finite: an inf or NaN makes the whole block's scale inf or NaN.
 
 V is not rotated (its rotation would have to be undone on the output) and is written transposed,
 (B, H, D, N_pad) with N contiguous: the K-major B operand that Hopper's FP8 wgmma reads for P V.
-N_pad is N rounded up to 16 (the FP8 MMA's K step) and the pad columns hold zeros.
+N_pad is N rounded up to 16 (the FP8 MMA's K step) and the pad columns hold zeros. For the
+Hopper kernel (`hopper.py`) the keys of each group of 16 come in its P operand's order
+(`permute_keys`, `key_order=True`), so that P needs no data moved between threads.
 
 Reference and kernel. `quantize_reference` is the plain-PyTorch statement of all this: its
 rotation is the fast Walsh-Hadamard transform (log2(D) butterfly stages) in float64, rounded once
