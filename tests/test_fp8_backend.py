@@ -109,6 +109,15 @@ def test_to_kernel_layout_checks_and_keeps_its_padding():
     assert not permute_keys(full, inverse=True)[..., 37:].float().any()  # zero padding
 
 
+def test_a_kernel_layout_v_needs_the_bhsd_layout(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (q8, k8, v8), descales = _fp8_inputs(hq=2, hkv=2, nq=16, nk=16)
+    view = to_kernel_layout(v8.transpose(1, 2))  # a (B, N, H, D) V taken as (B, H, N, D): keys and heads mixed
+    with pytest.raises(ValueError, match="v: a to_kernel_layout\\(\\) V is \\(B, Hkv, N, D\\): pass layout='bhsd'"):
+        attention(q8.transpose(1, 2), k8.transpose(1, 2), view, layout="bshd", q_descale=descales[0],
+                  k_descale=descales[1], v_descale=descales[2], backend="fp8-hopper")
+
+
 # The interpreter is the test suite's way to run kernels where there is no GPU (tests/conftest.py
 # sets TRITON_INTERPRET only there); on a GPU the GPU-marked test below covers the kernels. (On the
 # lent H100 this test failed when run in one session with the GPU tests; not investigated.)

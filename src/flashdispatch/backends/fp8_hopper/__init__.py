@@ -144,6 +144,8 @@ class Fp8HopperBackend(Backend):
 
     def forward(self, q, k, v, problem, cu_seqlens_q=None, cu_seqlens_k=None, descales=(None, None, None)):
         in_kernel_layout = getattr(v, KERNEL_LAYOUT, False)
+        if in_kernel_layout and problem.layout != "bhsd":
+            raise ValueError(f"v: a to_kernel_layout() V is (B, Hkv, N, D): pass layout='bhsd', got {problem.layout!r}")
         q, k, v = (to_bhsd(t, problem.layout) for t in (q, k, v))  # (B, H, N, D) views
         warp_specialized = _warp_specialized(problem)
         if problem.dtype == FP8_DTYPE:
@@ -188,8 +190,8 @@ def to_kernel_layout(v: torch.Tensor) -> torch.Tensor:
     """Pre-quantized V (B, Hkv, N, D) float8_e4m3fn, rearranged once for the FP8 kernel: a (B, Hkv,
     N, D) view of V^T ((B, Hkv, D, N_pad) memory, N contiguous, zero-padded to a multiple of 16)
     with each 16-key group in the order the Hopper kernel multiplies P by V in. Pass it as `v` to
-    attention() to skip that rearrangement on every call (a KV cache, a benchmark); any other V is
-    rearranged in the call."""
+    attention() (layout="bhsd") to skip that rearrangement on every call (a KV cache, a benchmark);
+    any other V is rearranged in the call."""
     if v.dim() != 4 or v.dtype != FP8_DTYPE:
         raise ValueError(f"v: expected a (B, H, N, D) float8_e4m3fn tensor, got {v.dtype} of shape {tuple(v.shape)}")
     view = permute_keys(_padded(v.transpose(2, 3))).transpose(2, 3)[:, :, :v.shape[2]]
