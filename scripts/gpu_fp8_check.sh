@@ -8,7 +8,7 @@ start=$(date +%s)
 timeout 200 python3 scripts/check_fp8_gpu.py --part exact 2>&1 | tee "$out/fp8_exact.log" | grep -v "^exact: ok" | tail -n 30
 timeout 120 python3 scripts/check_fp8_gpu.py --part accuracy 2>&1 | tee "$out/fp8_accuracy.log" | tail -n 8
 timeout 120 python3 scripts/check_fp8_gpu.py --part sass 2>&1 | tee "$out/fp8_sass.log" | tail -n 6
-timeout 200 python3 -m pytest -q -m gpu tests/test_fp8_backend.py tests/test_fp8_quantize.py tests/test_triton_compile.py > "$out/fp8_pytest_gpu.log" 2>&1
+timeout 200 python3 -m pytest -q -m gpu tests/test_fp8_backend.py tests/test_fp8_quantize.py > "$out/fp8_pytest_gpu.log" 2>&1
 echo "GPU-marked tests: $(tail -n 1 "$out/fp8_pytest_gpu.log")"
 timeout 200 python3 -m flashdispatch verify --backend fp8-hopper --tier full --device cuda 2>&1 | grep -v "^\[W" > "$out/fp8_verify_full.log"
 echo "full tier: $(tail -n 3 "$out/fp8_verify_full.log" | tr '\n' ' ')"

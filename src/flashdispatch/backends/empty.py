@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from ..dispatcher.problem import FP8_DTYPE
 from .base import Backend, Support
 
 
@@ -30,8 +31,9 @@ class EmptyBackend(Backend):
                       softcap=True, gqa=True, varlen=True, backward=True, deterministic_backward=True)
     description = "zeros for problems with nothing to compute"
 
-    def forward(self, q, k, v, problem, cu_seqlens_q=None, cu_seqlens_k=None):
-        out = q.new_zeros(_output_shape(q, v))
+    def forward(self, q, k, v, problem, cu_seqlens_q=None, cu_seqlens_k=None, descales=None):
+        # Pre-quantized float8 inputs give a bfloat16 output, as the FP8 backend's does.
+        out = q.new_zeros(_output_shape(q, v), dtype=torch.bfloat16 if q.dtype == FP8_DTYPE else q.dtype)
         lse = torch.full(_lse_shape(problem), -math.inf, dtype=torch.float32, device=q.device)
         return out, lse
 

@@ -4,17 +4,19 @@ Two ways in:
 
 - float16/bfloat16 q, k, v with precision="fp8": `quantize.py`'s fused kernel rotates Q and K by
   one random-sign Hadamard matrix (QK^T is unchanged, outliers are spread over the head dim),
-  quantizes Q, K and V with one scale per block of rows (the attention kernel's tile) and writes
-  V transposed, in one pass over each tensor. The output has the inputs' dtype.
+  quantizes Q, K and V with one scale per block of rows (the tile of the kernel that runs:
+  `quantization_blocks`) and writes V transposed, in one pass over each tensor. The output has
+  the inputs' dtype.
 - float8_e4m3fn q, k, v (pre-quantized) with optional float32 (B, Hkv) descales, as
-  FlashAttention-3 takes them. V is used as it lies when its memory is already K-major (a
-  (B, H, D, N)-contiguous tensor viewed as (B, H, N, D)), else transposed once. The output is
-  bfloat16.
+  FlashAttention-3 takes them. V is rearranged in each call into the layout the kernel reads
+  (transposed; for the Hopper kernel with its keys permuted), unless it comes from
+  `to_kernel_layout`. The output is bfloat16.
 
-`kernel.py` runs the attention itself. It changes the numerics (FP8 rounds Q, K, V and P to 3
-mantissa bits), so it runs only for calls that ask for precision="fp8", never for a plain
-float16/bfloat16 call; and only on compute capability 9.x, where Triton compiles its float8 dots
-to Hopper's FP8 wgmma (QGMMA). Forward only: there is no FP8 backward.
+Two kernels: `hopper.py` (Gluon, warp-specialized, D 64 and 128) and `kernel.py` (Triton: D 256,
+the CPU interpreter, and whatever the first cannot take). Both change the numerics (FP8 rounds Q,
+K, V and P to 3 mantissa bits), so the backend runs only for calls that ask for precision="fp8",
+never for a plain float16/bfloat16 call; and only on compute capability 9.x (Hopper's FP8 wgmma,
+QGMMA). Forward only: there is no FP8 backward.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ HEAD_DIMS = (64, 128, 256)
 
 
 def tiles(head_dim: int, causal: bool) -> tuple[int, int, int, int]:
-    """(query rows, keys, warps, pipeline stages) per program of the portable kernel (`kernel.py`);
-    the rows and keys are also the quantization blocks of Q and of K and V. From a sweep on the
+    """(query rows, keys, warps, pipeline stages) per program of the portable kernel (`kernel.py`),
+    whose rows and keys are the quantization blocks of Q and of K and V when it runs. From a sweep on the
     H100 (D = 128 / 64, N = 16k: docs/notes/fp8.md): 128 x 128 keys with 4 warps non-causal (768
     TFLOP/s at D = 128, 8 warps 636), 64 rows causal (773; 128 rows with 4 warps fell to 376); D =
     256 keeps its 128 x 64 tile in registers with 8 warps."""
@@ -67,11 +69,7 @@ def _warp_specialized(problem: Problem) -> bool:
 
 def quantization_blocks(problem: Problem) -> tuple[int, int]:
     """(query rows, keys) per quantization block: the tile of the kernel that will run."""
-    if _warp_specialized(problem):
-        from . import hopper
-
-        return hopper.BLOCK_M, hopper.BLOCK_N
-    return tiles(problem.head_dim, problem.causal)[:2]
+    return hopper_tile() if _warp_specialized(problem) else tiles(problem.head_dim, problem.causal)[:2]
 
 
 def _interpreting() -> bool:
@@ -143,60 +141,90 @@ class Fp8HopperBackend(Backend):
                 f"{how}", "forward only: no FP8 backward"]
 
     def forward(self, q, k, v, problem, cu_seqlens_q=None, cu_seqlens_k=None, descales=(None, None, None)):
-        in_kernel_layout = getattr(v, KERNEL_LAYOUT, False)
-        if in_kernel_layout and problem.layout != "bhsd":
-            raise ValueError(f"v: a to_kernel_layout() V is (B, Hkv, N, D): pass layout='bhsd', got {problem.layout!r}")
+        v_in_kernel_layout = _kernel_layout_v(v, problem)
         q, k, v = (to_bhsd(t, problem.layout) for t in (q, k, v))  # (B, H, N, D) views
-        warp_specialized = _warp_specialized(problem)
-        if problem.dtype == FP8_DTYPE:
-            out_dtype = torch.bfloat16
-            q8, k8 = q, k
-            vt8 = _v_transposed(v, in_kernel_layout, warp_specialized)
-        else:
-            from .quantize import quantize
-
-            rows, keys = quantization_blocks(problem)
-            signs = _rotation_signs(problem.head_dim, q.device)
-            out_dtype = q.dtype
-            q8, q_scales = quantize(q, rows, signs)
-            k8, k_scales = quantize(k, keys, signs)
-            # The Gluon kernel reads V^T in its key order, up to the zero padding (a multiple of 16).
-            vt8, v_scales = quantize(v, keys, None, transpose=True, key_order=warp_specialized)
-            if not warp_specialized:
-                vt8 = vt8[..., :problem.seqlen_k]
-            descales = (q_scales, k_scales, v_scales)
         result = None
-        if warp_specialized:
-            from . import hopper
-
-            per_head = problem.dtype == FP8_DTYPE
-            if per_head:
-                ones = torch.ones(1, 1, dtype=torch.float32, device=q.device).expand(problem.batch, problem.heads_kv)
-                descales = tuple(ones if d is None else d for d in descales)
-            result = hopper.forward(q8, k8, vt8, descales, problem.group_size if per_head else 1, out_dtype, problem)
-            if result is None:  # the kernel failed: the portable one reads V^T in key order
-                vt8 = permute_keys(vt8, inverse=True)[..., :problem.seqlen_k]
-        if result is None:
-            result = _portable_forward(q8, k8, vt8, descales, out_dtype, problem)
+        if _warp_specialized(problem):
+            result = _run(q, k, v, descales, v_in_kernel_layout, problem, warp_specialized=True)
+        if result is None:  # not for the Gluon kernel, its TMA cannot address the tensors, or it failed
+            result = _run(q, k, v, descales, v_in_kernel_layout, problem, warp_specialized=False)
         out, lse = result
         return from_bhsd(out, problem.layout), lse
 
 
-# Set on a V tensor by `to_kernel_layout`: its memory is V^T in the Gluon kernel's key order.
-KERNEL_LAYOUT = "_flashdispatch_fp8_kernel_layout"
+def _run(q, k, v, descales, v_in_kernel_layout, problem, warp_specialized):
+    """(out, lse) from the Gluon kernel (warp_specialized; None where it cannot run them) or the
+    portable one, with the inputs quantized and V laid out for the kernel that runs."""
+    if problem.dtype == FP8_DTYPE:
+        out_dtype = torch.bfloat16
+        q8, k8 = q, k
+        vt8 = _v_transposed(v, v_in_kernel_layout, warp_specialized)
+    else:
+        from .quantize import quantize
+
+        rows, keys = (hopper_tile() if warp_specialized else tiles(problem.head_dim, problem.causal)[:2])
+        signs = _rotation_signs(problem.head_dim, q.device)
+        out_dtype = q.dtype
+        q8, q_scales = quantize(q, rows, signs)
+        k8, k_scales = quantize(k, keys, signs)
+        # The Gluon kernel reads V^T in its key order, up to the zero padding (a multiple of 16).
+        vt8, v_scales = quantize(v, keys, None, transpose=True, key_order=warp_specialized)
+        if not warp_specialized:
+            vt8 = vt8[..., :problem.seqlen_k]
+        descales = (q_scales, k_scales, v_scales)
+    if not warp_specialized:
+        return _portable_forward(q8, k8, vt8, descales, out_dtype, problem)
+    from . import hopper
+
+    per_head = problem.dtype == FP8_DTYPE
+    if per_head:
+        ones = torch.ones(1, 1, dtype=torch.float32, device=q.device).expand(problem.batch, problem.heads_kv)
+        descales = tuple(ones if d is None else d for d in descales)
+    return hopper.forward(q8, k8, vt8, descales, problem.group_size if per_head else 1, out_dtype, problem)
+
+
+def hopper_tile() -> tuple[int, int]:
+    """(query rows, keys) of the Gluon kernel's tile: its quantization blocks."""
+    from . import hopper
+
+    return hopper.BLOCK_M, hopper.BLOCK_N
+
+
+class KernelLayoutV(torch.Tensor):
+    """The type of `to_kernel_layout`'s result. Tensors derived from it (a slice, a copy, `.to()`)
+    keep the type but not the layout, so attention() takes only the very tensor it returned, and
+    only while nothing has written into it."""
 
 
 def to_kernel_layout(v: torch.Tensor) -> torch.Tensor:
     """Pre-quantized V (B, Hkv, N, D) float8_e4m3fn, rearranged once for the FP8 kernel: a (B, Hkv,
     N, D) view of V^T ((B, Hkv, D, N_pad) memory, N contiguous, zero-padded to a multiple of 16)
-    with each 16-key group in the order the Hopper kernel multiplies P by V in. Pass it as `v` to
-    attention() (layout="bhsd") to skip that rearrangement on every call (a KV cache, a benchmark);
-    any other V is rearranged in the call."""
+    with each 16-key group in the order the Hopper kernel multiplies P by V in. Pass it, as
+    returned, as `v` to attention() (layout="bhsd") with the same descales: each call then skips
+    the rearrangement of V (a V that stays fixed over calls: a prompt's cache, a benchmark). It is
+    read-only: rearrange again after changing V. Other V tensors are rearranged in each call."""
     if v.dim() != 4 or v.dtype != FP8_DTYPE:
         raise ValueError(f"v: expected a (B, H, N, D) float8_e4m3fn tensor, got {v.dtype} of shape {tuple(v.shape)}")
-    view = permute_keys(_padded(v.transpose(2, 3))).transpose(2, 3)[:, :, :v.shape[2]]
-    setattr(view, KERNEL_LAYOUT, True)
+    view = permute_keys(_padded(v.transpose(2, 3))).transpose(2, 3)[:, :, :v.shape[2]].as_subclass(KernelLayoutV)
+    view._made = _identity(view)
     return view
+
+
+def _identity(v: torch.Tensor) -> tuple:
+    return v.data_ptr(), tuple(v.shape), v.stride(), v._version
+
+
+def _kernel_layout_v(v: torch.Tensor, problem: Problem) -> bool:
+    """Whether v is `to_kernel_layout`'s result, as it returned it; ValueError for a tensor derived
+    from one, or one passed with layout="bshd"."""
+    if not isinstance(v, KernelLayoutV):
+        return False
+    if getattr(v, "_made", None) != _identity(v):
+        raise ValueError("v: a tensor derived from to_kernel_layout()'s result (sliced, copied, moved or written "
+                         "into) no longer has its layout: pass the tensor it returned, or call it again")
+    if problem.layout != "bhsd":
+        raise ValueError(f"v: a to_kernel_layout() V is (B, Hkv, N, D): pass layout='bhsd', got {problem.layout!r}")
+    return True
 
 
 def _padded(vt: torch.Tensor) -> torch.Tensor:
@@ -214,6 +242,7 @@ def _v_transposed(v: torch.Tensor, in_kernel_layout: bool, warp_specialized: boo
     vt = v.transpose(2, 3)
     seqlen = v.shape[2]
     if in_kernel_layout:
+        vt = vt.as_subclass(torch.Tensor)
         vt = vt.as_strided((*vt.shape[:3], -(-seqlen // 16) * 16), vt.stride())
         return vt if warp_specialized else permute_keys(vt, inverse=True)[..., :seqlen]
     if warp_specialized:

@@ -48,6 +48,10 @@ BLOCK_N = 128  # also the quantization block of K and V
 STAGES = 2
 NUM_WARPS = 4  # the first consumer warpgroup; the second and the producer warp are worker partitions
 MAX_REGISTERS = 168
+# Scales are kept at or above float32's smallest normal number: a zero descale (FlashAttention-3's
+# amax / 448 of an all-zero head) would make a masked score -inf x 0 = NaN, and a subnormal one
+# is flushed to zero by the kernel's arithmetic.
+MIN_SCALE = gl.constexpr(1.1754943508222875e-38)
 HEAD_DIMS = (64, 128)
 
 log = logging.getLogger("flashdispatch")
@@ -129,8 +133,8 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
                           use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
-        qk_scale = q_scale * gl.load(k_descale)
-        v_scale = gl.load(v_descale)
+        qk_scale = gl.maximum(q_scale * gl.load(k_descale), MIN_SCALE)
+        v_scale = gl.maximum(gl.load(v_descale), MIN_SCALE)
         p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, 0, full_end, seqlen_k, shift,
                                                     qk_scale, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True)
 
@@ -138,8 +142,8 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
             # S_j = Q K_j^T and O += P_{j-1} V_{j-1}, both in flight at once.
             slot = j % STAGES
             prev = (j - 1) % STAGES
-            k_scale = gl.load(k_descale + j * stride_ksn)
-            next_v_scale = gl.load(v_descale + j * stride_vsn)
+            qk_scale = gl.maximum(q_scale * gl.load(k_descale + j * stride_ksn), MIN_SCALE)
+            next_v_scale = gl.maximum(gl.load(v_descale + j * stride_vsn), MIN_SCALE)
             mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
             mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
             p_op = _as_operand(p, ROWS, BLOCK_N, p_layout)
@@ -153,7 +157,7 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
             # Softmax of block j under the running P V product.
             n0 = j * BLOCK_N
             p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, n0, full_end, seqlen_k, shift,
-                                                        q_scale * k_scale, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True)
+                                                        qk_scale, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True)
             o = warpgroup_mma_wait(0, deps=(o,))
             mbarrier.arrive(v_empty.index(prev), count=1)
             # O moves to block j's max and to block j's V descale in one multiply.
