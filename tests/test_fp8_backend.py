@@ -102,6 +102,17 @@ def test_the_key_order_of_the_hopper_kernels_v():
     assert torch.equal(permute_keys(permuted, inverse=True), vt)
 
 
+@pytest.mark.parametrize("seqlen", [32, 37])
+def test_a_plain_v_is_laid_out_for_the_hopper_kernel_in_the_call(seqlen):
+    from flashdispatch.backends.fp8_hopper import _v_transposed
+
+    v8 = (torch.randn(2, seqlen, 3, 64) * 3).to(FP8).transpose(1, 2)  # a (B, H, N, D) view of bshd memory
+    vt = _v_transposed(v8, in_kernel_layout=False, warp_specialized=True)
+    assert vt.shape == (2, 3, 64, -(-seqlen // 16) * 16) and vt.stride(3) == 1
+    back = permute_keys(vt, inverse=True)
+    assert torch.equal(back[..., :seqlen].float(), v8.transpose(2, 3).float()) and not back[..., seqlen:].float().any()
+
+
 def test_to_kernel_layout_checks_and_keeps_its_padding():
     with pytest.raises(ValueError, match="v: expected a \\(B, H, N, D\\) float8_e4m3fn tensor"):
         to_kernel_layout(torch.randn(1, 2, 8, 64))

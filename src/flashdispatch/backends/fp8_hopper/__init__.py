@@ -246,7 +246,7 @@ def _v_transposed(v: torch.Tensor, in_kernel_layout: bool, warp_specialized: boo
         vt = vt.as_strided((*vt.shape[:3], -(-seqlen // 16) * 16), vt.stride())
         return vt if warp_specialized else permute_keys(vt, inverse=True)[..., :seqlen]
     if warp_specialized:
-        return permute_keys(_padded(vt))
+        return permute_keys(vt if seqlen % 16 == 0 else _padded(vt))
     return vt if vt.stride(3) == 1 else vt.contiguous()
 
 
