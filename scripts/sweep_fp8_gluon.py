@@ -1,9 +1,11 @@
 """The Gluon FP8 forward on pre-arranged e4m3 inputs (H100/H200):
-TFLOP/s of `fp8_hopper.hopper.forward` at D = 64 and 128, beside the portable Triton kernel
+TFLOP/s of `fp8_hopper.hopper.forward` at D = 64 and 128 (at each of --fma-shares), beside the portable Triton kernel
 through attention() on the same inputs and cuDNN's bf16. Run from the repository root with
 PYTHONPATH=src:scripts; one line per case starting with `sweep:`."""
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -19,15 +21,25 @@ FP8 = torch.float8_e4m3fn
 
 
 def main() -> None:
-    for d, n, causal, q, k, v, flops in prefill_cases(head_dims=(128, 64), lengths=(4096, 16384)):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--fma-shares", default=str(hopper.FMA_SHARE),
+                        help="comma-separated hopper.FMA_SHARE values to time the Gluon kernel at")
+    parser.add_argument("--head-dims", default="128,64")
+    args = parser.parse_args()
+    shares = [int(x) for x in args.fma_shares.split(",")]
+    head_dims = tuple(int(x) for x in args.head_dims.split(","))
+    for d, n, causal, q, k, v, flops in prefill_cases(head_dims=head_dims, lengths=(4096, 16384)):
         q8, k8, v8 = (t.to(FP8) for t in (q, k, v))
         ones = torch.ones(q.shape[0], q.shape[1], device="cuda")
         problem = build_problem(q8, k8, v8, causal=causal, descales=(ones, ones, ones))
         vt = to_kernel_layout(v8).transpose(2, 3)
         vt = vt.as_strided((*vt.shape[:3], -(-n // 16) * 16), vt.stride())
         rates = []
-        seconds = median_time(lambda: hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem), "cuda")
-        rates.append(f"gluon {flops / seconds / 1e12:.0f}")
+        default_share = hopper.FMA_SHARE
+        for hopper.FMA_SHARE in shares:
+            seconds = median_time(lambda: hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem), "cuda")
+            rates.append(f"gluon[fma 1/{hopper.FMA_SHARE}] {flops / seconds / 1e12:.0f}")
+        hopper.FMA_SHARE = default_share
         hopper._failure = "sweep: the portable kernel"
         seconds = median_time(lambda: attention(q8, k8, v8.transpose(2, 3).contiguous().transpose(2, 3), causal=causal,
                                                 q_descale=ones, k_descale=ones, v_descale=ones), "cuda")

@@ -239,6 +239,32 @@ def test_gpu_zero_descales_give_finite_uniform_attention():
     assert torch.isfinite(out).all() and err <= 2 * base + 1e-3 * ref.abs().max().item(), (err, base)
 
 
+@gpu
+def test_gpu_exp2_on_the_fma_pipe_matches_exp2():
+    # The kernel's polynomial 2^x (a quarter of P's exponentials): relative error under 1e-4 where
+    # P can land, and a non-negative number below 2^-125 (0 in e4m3) for masked scores (-inf).
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+
+    from flashdispatch.backends.triton.hopper import _exp2_on_fma
+
+    @gluon.jit
+    def exp2_kernel(X, Y, N: gl.constexpr):
+        layout: gl.constexpr = gl.BlockedLayout([4], [32], [4], [0])
+        offsets = gl.arange(0, N, layout=layout)
+        gl.store(Y + offsets, _exp2_on_fma(gl.load(X + offsets)))
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.rand(4000, generator=g) * 134 - 126, torch.tensor([8.0, 0.0, -0.5, 0.5, -125.5]),
+                   torch.tensor([-126.4, -127.0, -300.0, -1e30, -math.inf]), torch.zeros(4096 - 4010)]).cuda()
+    y = torch.full_like(x, math.nan)
+    exp2_kernel[(1,)](x, y, N=4096, num_warps=4)
+    ref = torch.exp2(x.double())
+    normal = x >= -125
+    assert ((y.double()[normal] - ref[normal]).abs() / ref[normal]).max() < 1e-4
+    assert torch.isfinite(y).all() and (y[~normal] >= 0).all() and (y[~normal] < 2.0 ** -124).all()
+
+
 SM90_SCRIPT = r"""
 import torch, triton
 from triton.backends.compiler import GPUTarget
@@ -254,7 +280,7 @@ for head_dim, causal in ((128, False), (64, True)):
              "k_desc": hopper._descriptor(q, [1, 1, hopper.BLOCK_N, head_dim]),
              "vt_desc": hopper._descriptor(vt, [1, 1, head_dim, hopper.BLOCK_N])}
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper.BLOCK_M, BLOCK_N=hopper.BLOCK_N,
-                      STAGES=hopper.STAGES)
+                      STAGES=hopper.STAGES, FMA_SHARE=hopper.FMA_SHARE)
     types = {"Out": "*bf16", "Lse": "*fp32", "QDescale": "*fp32", "KDescale": "*fp32", "VDescale": "*fp32",
              "scale_log2": "fp32", **{name: mangle_type(d) for name, d in descs.items()}}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
@@ -267,6 +293,10 @@ for head_dim, causal in ((128, False), (64, True)):
     assert "wgmma.wait_group.sync.aligned 1" in ptx, case  # P V left in flight under the softmax
     # P packed in place: no shuffles between threads (one broadcasts the warp index at the start).
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and ptx.count("shfl.sync.idx") <= 1, case
+    # Buffers handed back per warp through named barriers, not one thread's mbarrier arrive.
+    assert "bar.arrive" in ptx and "mbarrier.arrive.shared::cta" not in ptx, case
+    # Part of the exponentials on the FMA pipe: its rounding constant, 1.5 x 2^23, is there.
+    assert "ex2.approx" in ptx and "0f4B400000" in ptx, case
 print("ok")
 """
 

@@ -46,6 +46,7 @@ P_SHIFT = gl.constexpr(8.0)  # the same 2^8 as kernel.P_SHIFT: small probabiliti
 BLOCK_M = 128  # also the quantization block of Q
 BLOCK_N = 128  # also the quantization block of K and V
 STAGES = 2
+FMA_SHARE = 4  # 1 / FMA_SHARE of the exponentials on the FMA pipe (0: none), `_exp2` in ../triton/hopper.py
 NUM_WARPS = 4  # the first consumer warpgroup; the second and the producer warp are worker partitions
 MAX_REGISTERS = 168
 # Scales are kept at or above float32's smallest normal number: a zero descale (FlashAttention-3's
@@ -59,13 +60,38 @@ log = logging.getLogger("flashdispatch")
 _failure: str | None = None
 
 
+# Buffers go back to the producer through hardware named barriers, not mbarriers: each consumer warp
+# arrives on its own once its wgmma is done (bar.arrive does not block), and the producer's warp
+# waits for all of them (bar.sync). Gluon's mbarrier.arrive is one thread's, behind a barrier over
+# the whole warpgroup first, and 3 such barriers a key block kept the warps of a warpgroup in
+# lockstep: ncu counted 2.4 of 7.55 cycles between a warp's instructions at them.
+# Triton's own barriers use the low ids; K's slots take FREE_ID.., V's FREE_ID + STAGES...
+FREE_ID = gl.constexpr(8)
+
+
+
+@gluon.jit
+def _named_arrive(barrier_id, threads):
+    """This warp arrives at hardware named barrier `barrier_id` (int32) of `threads` threads, and
+    goes on."""
+    gl.inline_asm_elementwise("bar.arrive $1, $2; mov.u32 $0, 0;", "=r,r,r", [barrier_id, threads], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
+def _named_sync(barrier_id, threads):
+    """This warp arrives at named barrier `barrier_id` and waits until `threads` threads have."""
+    gl.inline_asm_elementwise("bar.sync $1, $2; mov.u32 $0, 0;", "=r,r,r", [barrier_id, threads], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
 @gluon.jit
 def _producer(descs, smem, bars, coords, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr):
     """The load warp: Q once, then K_i and V_i^T into their rings as both consumers hand buffers back."""
     q_desc, k_desc, vt_desc = descs
     q_smem, k_smem, vt_smem = smem
-    q_ready, k_ready, k_empty, v_ready, v_empty = bars
+    q_ready, k_ready, v_ready = bars
     b, h, h_kv, m0, seqlen_q, seqlen_k = coords
     num_blocks, full_end = _key_blocks(m0, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
     if num_blocks > 0:
@@ -73,14 +99,18 @@ def _producer(descs, smem, bars, coords, CAUSAL: gl.constexpr, BLOCK_M: gl.const
         tma.async_copy_global_to_shared(q_desc, [b, h, m0, 0], q_ready, q_smem)
     for i in range(num_blocks):
         slot = i % STAGES
-        # A barrier starts in phase 1 complete, so the first pass through the ring does not wait.
-        phase = ((i // STAGES) & 1) ^ 1
-        mbarrier.wait(k_empty.index(slot), phase)
+        if i >= STAGES:  # the first pass through the ring finds every buffer free
+            _named_sync(FREE_ID + slot, 288)
         mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [b, h_kv, i * BLOCK_N, 0], k_ready.index(slot), k_smem.index(slot))
-        mbarrier.wait(v_empty.index(slot), phase)
+        if i >= STAGES:
+            _named_sync(FREE_ID + STAGES + slot, 288)
         mbarrier.expect(v_ready.index(slot), vt_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(vt_desc, [b, h_kv, 0, i * BLOCK_N], v_ready.index(slot), vt_smem.index(slot))
+    # Take the last hand-backs too, so that no named barrier is left part-way at exit.
+    for i in range(gl.maximum(num_blocks - STAGES, 0), num_blocks):
+        _named_sync(FREE_ID + i % STAGES, 288)
+        _named_sync(FREE_ID + STAGES + i % STAGES, 288)
 
 
 @gluon.jit
@@ -99,10 +129,11 @@ def _as_operand(p, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.const
 
 @gluon.jit
 def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ME: gl.constexpr):
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
+              ME: gl.constexpr):
     """Compute warpgroup ME (0 or 1): rows ME * 64 .. ME * 64 + 63 of the program's block."""
     q_smem, k_smem, vt_smem = smem
-    q_ready, k_ready, k_empty, v_ready, v_empty = bars
+    q_ready, k_ready, v_ready = bars
     b, h, h_kv, m0, seqlen_q, seqlen_k = coords
     q_scale, k_descale, stride_ksn, v_descale, stride_vsn = scales  # K's and V's: block 0's, and the block stride
     Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh = outputs
@@ -132,11 +163,11 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
         s = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                           use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s,))
-        mbarrier.arrive(k_empty.index(0), count=1)
+        _named_arrive(FREE_ID, 288)
         qk_scale = gl.maximum(q_scale * gl.load(k_descale), MIN_SCALE)
         v_scale = gl.maximum(gl.load(v_descale), MIN_SCALE)
         p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, 0, full_end, seqlen_k, shift,
-                                                    qk_scale, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True)
+                                                    qk_scale, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True, FMA_SHARE)
 
         for j in range(1, num_blocks):
             # S_j = Q K_j^T and O += P_{j-1} V_{j-1}, both in flight at once.
@@ -152,14 +183,14 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
             o = warpgroup_mma(p_op, vt_smem.index(prev).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), o,
                               is_async=True)
             s = warpgroup_mma_wait(1, deps=(s,))
-            mbarrier.arrive(k_empty.index(slot), count=1)
+            _named_arrive(FREE_ID + slot, 288)
 
             # Softmax of block j under the running P V product.
             n0 = j * BLOCK_N
             p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, n0, full_end, seqlen_k, shift,
-                                                        qk_scale, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True)
+                                                        qk_scale, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True, FMA_SHARE)
             o = warpgroup_mma_wait(0, deps=(o,))
-            mbarrier.arrive(v_empty.index(prev), count=1)
+            _named_arrive(FREE_ID + STAGES + prev, 288)
             # O moves to block j's max and to block j's V descale in one multiply.
             o = o * gl.expand_dims(gl.convert_layout(alpha * (v_scale / next_v_scale), o_rows), 1)
             v_scale = next_v_scale
@@ -167,10 +198,11 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
         # The last block's P V.
         last = num_blocks - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        o = warpgroup_mma(_as_operand(p, ROWS, BLOCK_N, p_layout), vt_smem.index(last % STAGES).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), o,
+        p_op = _as_operand(p, ROWS, BLOCK_N, p_layout)
+        o = warpgroup_mma(p_op, vt_smem.index(last % STAGES).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), o,
                           is_async=True)
         o = warpgroup_mma_wait(0, deps=(o,))
-        mbarrier.arrive(v_empty.index(last % STAGES), count=1)
+        _named_arrive(FREE_ID + STAGES + last % STAGES, 288)
 
     _write_rows(o, row_max, row_sum, v_scale, rows, m0 + ME * ROWS, seqlen_q, Out + b * stride_ob + h * stride_oh,
                 stride_om, Lse + b * stride_lb + h * stride_lh, P_SHIFT, HEAD_DIM, o_layout)
@@ -178,14 +210,14 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
 
 @gluon.jit
 def _first_consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 0)
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr):
+    _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, 0)
 
 
 @gluon.jit
 def _second_consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, 1)
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr):
+    _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, 1)
 
 
 @gluon.jit
@@ -195,7 +227,7 @@ def fp8_hopper_forward(
     stride_qsb, stride_qsh, stride_qsm, stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     seqlen_q, seqlen_k, heads, group, q_scale_group, scale_log2,
     CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr,
+    STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
 ):
     """Grid: (query blocks, batch * query heads). Out (B, Hq, Nq, D) through its strides, Lse (B, Hq,
     Nq). QDescale is read at (b, h // q_scale_group, row block), KDescale and VDescale at (b, h_kv,
@@ -216,25 +248,23 @@ def fp8_hopper_forward(
     vt_smem = gl.allocate_shared_memory(vt_desc.dtype, [STAGES] + vt_desc.block_type.shape, vt_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # both consumers hand each buffer back
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(v_empty.index(i), count=2)
 
     descs = (q_desc, k_desc, vt_desc)
     smem = (q_smem, k_smem, vt_smem)
-    bars = (q_ready, k_ready, k_empty, v_ready, v_empty)
+    bars = (q_ready, k_ready, v_ready)
     coords = (b, h, h_kv, m0, seqlen_q, seqlen_k)
     scales = (q_scale, k_descale, stride_ksn, v_descale, stride_vsn)
     outputs = (Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh)
     gl.warp_specialize([
-        (_first_consumer, (descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
-        (_second_consumer, (descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+        (_first_consumer, (descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                              FMA_SHARE)),
+        (_second_consumer, (descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                              FMA_SHARE)),
         (_producer, (descs, smem, bars, coords, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
 
@@ -288,7 +318,7 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
         compiled = kernel(*descriptors, out, lse, *descales, *out.stride()[:3], *lse.stride()[:2],
                *(s for descale in descales for s in _block_strides(descale)),
                seqlen_q, problem.seqlen_k, heads_q, problem.group_size, q_scale_group, problem.scale * LOG2E,
-               CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES,
+               CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, FMA_SHARE=FMA_SHARE,
                num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
     except Exception as exc:  # noqa: BLE001 - fall back to the portable kernel, say so once
         if compile_only:

@@ -66,14 +66,59 @@ def _row_reduce(x, IS_MAX: gl.constexpr, TREE: gl.constexpr, layout: gl.constexp
     return gl.convert_layout(gl.max(x, 1) if IS_MAX else gl.sum(x, 1), layout)
 
 
+# 2^f on [-1/2, 1/2], relative error 7.5e-5: a cubic fitted for least maximum relative error
+# (Lawson's iteration, float32 coefficients).
+EXP2_C3 = gl.constexpr(0.05517132207751274)
+EXP2_C2 = gl.constexpr(0.24261054396629333)
+EXP2_C1 = gl.constexpr(0.6932609677314758)
+EXP2_C0 = gl.constexpr(0.9999281167984009)
+ROUNDING = gl.constexpr(12582912.0)  # 1.5 x 2^23: adding it rounds to an integer, kept in the low bits
+
+
+@gluon.jit
+def _exp2_on_fma(x):
+    """2^x on the FMA and integer pipes, for x <= 127 (FlashAttention-4's trick for the MUFU
+    bottleneck): x = j + f with j = round(x), 2^f by a cubic, j added to the exponent bits. Below
+    -126 it is 2^-126 (an exponent below that would wrap into the sign bit), which is 0 in e4m3 and
+    nothing beside the row sums of at least 2^P_SHIFT."""
+    x = gl.maximum(x, -126.0)
+    rounded = x + ROUNDING
+    f = x - (rounded - ROUNDING)
+    p = ((EXP2_C3 * f + EXP2_C2) * f + EXP2_C1) * f + EXP2_C0
+    bits = p.to(gl.int32, bitcast=True) + (rounded.to(gl.int32, bitcast=True) << 23)
+    return bits.to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _exp2(x, FMA_SHARE: gl.constexpr):
+    """2^x of x (ROWS, BLOCK_N) in a wgmma accumulator layout, with 1 / FMA_SHARE of the
+    elements on the FMA pipe (`_exp2_on_fma`) and the rest on MUFU (FMA_SHARE 0: all on MUFU).
+    The split is by register: a thread holds columns 16g + 8a + 2c + j (c = lane % 4); j = 1
+    goes to the FMA pipe for a half, and j = a = 1 for a quarter."""
+    if FMA_SHARE == 0:
+        p = gl.exp2(x)
+    else:
+        ROWS: gl.constexpr = x.shape[0]
+        BLOCK_N: gl.constexpr = x.shape[1]
+        x = x.reshape([ROWS, BLOCK_N // 16, 2, 4, 2]).permute((0, 1, 3, 2, 4))  # (row, g, c, a, j)
+        x_j0, x_j1 = x.split()
+        if FMA_SHARE == 2:
+            p_j1 = _exp2_on_fma(x_j1)
+        else:
+            x_a0, x_a1 = x_j1.split()
+            p_j1 = gl.join(gl.exp2(x_a0), _exp2_on_fma(x_a1))
+        p = gl.join(gl.exp2(x_j0), p_j1).permute((0, 1, 3, 2, 4)).reshape([ROWS, BLOCK_N])
+    return p
+
+
 @gluon.jit
 def _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift, qk_scale,
              MASKED: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-             P_SHIFT: gl.constexpr, TREE: gl.constexpr):
+             P_SHIFT: gl.constexpr, TREE: gl.constexpr, FMA_SHARE: gl.constexpr):
     """One key block of the online softmax in the log2 domain. s: raw scores (BLOCK_M, BLOCK_N).
     Returns P (unnormalised, float32, times 2^P_SHIFT: the FP8 kernel's headroom above e4m3's
     subnormals), the new running max and sum, and the factor for the output accumulated so far.
-    TREE: row reductions as trees (`_row_reduce`)."""
+    TREE: row reductions as trees (`_row_reduce`). FMA_SHARE: see `_exp2`."""
     if MASKED:
         cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         visible = gl.expand_dims(cols, 0) < seqlen_k
@@ -87,21 +132,23 @@ def _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift, qk_scale,
     if P_SHIFT == 0.0:
         p = gl.exp2(s * qk_scale - gl.expand_dims(base, 1))
     else:
-        p = gl.exp2(s * qk_scale - gl.expand_dims(base - P_SHIFT, 1))
+        p = _exp2(s * qk_scale - gl.expand_dims(base - P_SHIFT, 1), FMA_SHARE)
+        p = gl.convert_layout(p, s_layout)
     alpha = gl.exp2(row_max - base)
     return p, new_max, row_sum * alpha + _row_reduce(p, False, TREE, row_layout), alpha
 
 
 @gluon.jit
 def _block_softmax(s, row_max, row_sum, rows, n0, full_end, seqlen_k, shift, qk_scale, CAUSAL: gl.constexpr,
-                   BLOCK_N: gl.constexpr, s_layout: gl.constexpr, P_SHIFT: gl.constexpr, TREE: gl.constexpr):
+                   BLOCK_N: gl.constexpr, s_layout: gl.constexpr, P_SHIFT: gl.constexpr, TREE: gl.constexpr,
+                   FMA_SHARE: gl.constexpr):
     """`_softmax` of the key block at n0, masked only where it reaches keys from full_end on."""
     if n0 < full_end:
         p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift, qk_scale, False,
-                                              CAUSAL, BLOCK_N, s_layout, P_SHIFT, TREE)
+                                              CAUSAL, BLOCK_N, s_layout, P_SHIFT, TREE, FMA_SHARE)
     else:
         p, row_max, row_sum, alpha = _softmax(s, row_max, row_sum, rows, n0, seqlen_k, shift, qk_scale, True,
-                                              CAUSAL, BLOCK_N, s_layout, P_SHIFT, TREE)
+                                              CAUSAL, BLOCK_N, s_layout, P_SHIFT, TREE, FMA_SHARE)
     return p, row_max, row_sum, alpha
 
 
@@ -217,7 +264,7 @@ def _consumer(buffers, scalars, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BL
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
         p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, 0, full_end, seqlen_k, shift,
-                                                    qk_scale, CAUSAL, BLOCK_N, s_layout, 0.0, False)
+                                                    qk_scale, CAUSAL, BLOCK_N, s_layout, 0.0, False, 0)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
 
         for j in range(1, num_blocks):
@@ -237,7 +284,7 @@ def _consumer(buffers, scalars, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BL
             # Softmax of block j under the running P V product.
             n0 = j * BLOCK_N
             p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, n0, full_end, seqlen_k, shift,
-                                                        qk_scale, CAUSAL, BLOCK_N, s_layout, 0.0, False)
+                                                        qk_scale, CAUSAL, BLOCK_N, s_layout, 0.0, False, 0)
             o, p_op = warpgroup_mma_wait(0, deps=(o, p_op))
             mbarrier.arrive(v_empty.index(prev), count=1)
             o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
