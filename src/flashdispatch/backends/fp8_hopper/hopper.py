@@ -6,7 +6,9 @@ consumer warpgroups (64 query rows each) run free (no ping-pong: measured faster
 each the softmax of key block j runs on the CUDA cores while the tensor cores multiply P_{j-1} by
 V_{j-1}. With FP8 the matmuls take half the time they take in bf16, so the kernel is bound by the
 softmax's instructions and their latency: row reductions as trees, P packed into the wgmma's A
-registers without moving data between threads (below). docs/notes/fp8.md has the measurements.
+registers without moving data between threads (below), a quarter of the exponentials on the FMA
+pipe (MUFU, which also runs P's conversion to e4m3, was the busiest unit), buffers handed back
+through named barriers. docs/notes/fp8.md has the measurements.
 
 Operands. Q (B, Hq, Nq, D), K (B, Hkv, Nk, D) and V^T (B, Hkv, D, N_pad) in e4m3, through TMA
 descriptors; FP8 wgmma reads both operands K-major, so V arrives transposed and V_j^T's (D,
