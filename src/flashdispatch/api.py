@@ -168,6 +168,10 @@ def attention(
     (B, Hkv) `q_descale`, `k_descale`, `v_descale` (what each tensor was divided by; None: 1) as
     FlashAttention-3 takes them, and give a bfloat16 output.
     """
+    if type(v) is not torch.Tensor and hasattr(v, "as_plain_tensor"):
+        # fp8-hopper's to_kernel_layout() V: a tensor subclass, whose every attribute read costs
+        # microseconds; from here on a plain tensor that the backend knows by a mark.
+        v = v.as_plain_tensor()
     needs_grad = torch.is_grad_enabled() and (
         getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False) or getattr(v, "requires_grad", False))
     deterministic = torch.are_deterministic_algorithms_enabled()
