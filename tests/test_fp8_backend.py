@@ -141,6 +141,29 @@ def test_only_the_kernel_layout_v_itself_is_taken(monkeypatch):
         attention(q8, k8, view, **scales, backend="fp8-hopper")
 
 
+def test_attention_reads_a_kernel_layout_v_as_a_plain_tensor_it_marks(monkeypatch):
+    # A tensor subclass costs microseconds per attribute read; attention() unwraps it once, and the
+    # backend still sees the layout (the mark) on the plain tensor, never on a tensor derived from it.
+    from flashdispatch.backends import fp8_hopper
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (q8, k8, v8), descales = _fp8_inputs(hq=2, hkv=2, nq=16, nk=40)
+    view = to_kernel_layout(v8)
+    plain = view.as_plain_tensor()
+    assert type(plain) is torch.Tensor and plain.data_ptr() == view.data_ptr() and plain.stride() == view.stride()
+    problem = build_problem(q8, k8, plain, descales=tuple(descales))
+    assert fp8_hopper._kernel_layout_v(plain, problem) and fp8_hopper._kernel_layout_v(view, problem)
+    assert not fp8_hopper._kernel_layout_v(plain[:, :, :40], problem)  # a new tensor: unmarked, a plain V
+    seen = []
+    monkeypatch.setattr(fp8_hopper.Fp8HopperBackend, "forward", lambda self, q, k, v, *a, **kw: seen.append(v) or (
+        torch.zeros(1, 2, 16, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 16)))
+    attention(q8, k8, view, q_descale=descales[0], k_descale=descales[1], v_descale=descales[2],
+              backend="fp8-hopper")
+    assert type(seen[0]) is torch.Tensor and seen[0]._fp8_kernel_layout
+    with pytest.raises(ValueError, match="v: a tensor derived from to_kernel_layout"):
+        view[:, :, :24].as_plain_tensor()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test: for machines without a GPU")
 @pytest.mark.parametrize("causal", [False, True])
 def test_after_a_hopper_kernel_failure_the_portable_kernel_gets_its_own_quantization(monkeypatch, causal):
