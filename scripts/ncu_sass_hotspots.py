@@ -15,7 +15,11 @@ def number(text: str) -> float:
 
 def main(top: int = 60) -> None:
     lines = [line for line in sys.stdin if line.startswith('"')]
-    lines = lines[next(i for i, line in enumerate(lines) if line.startswith('"Address"')):]
+    start = next((i for i, line in enumerate(lines) if line.startswith('"Address"')), None)
+    if start is None:
+        print("no per-instruction table in the input (ncu printed no \"Address\" header)")
+        return
+    lines = lines[start:]
     rows = list(csv.DictReader(lines))
     if not rows:
         print("no rows")

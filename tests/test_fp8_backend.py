@@ -16,6 +16,7 @@ from flashdispatch import attention, configure, explain
 from flashdispatch.backends.fp8_hopper import to_kernel_layout
 from flashdispatch.backends.fp8_hopper.quantize import permute_keys
 from flashdispatch.dispatcher.problem import build_problem
+from flashdispatch.dispatcher.registry import REGISTRY
 from flashdispatch.dispatcher.selection import NoBackendError
 
 FP8 = torch.float8_e4m3fn
@@ -143,25 +144,28 @@ def test_only_the_kernel_layout_v_itself_is_taken(monkeypatch):
 
 def test_attention_reads_a_kernel_layout_v_as_a_plain_tensor_it_marks(monkeypatch):
     # A tensor subclass costs microseconds per attribute read; attention() unwraps it once, and the
-    # backend still sees the layout (the mark) on the plain tensor, never on a tensor derived from it.
+    # backend still sees the layout (the mark) on the plain tensor, checked again there.
     from flashdispatch.backends import fp8_hopper
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     (q8, k8, v8), descales = _fp8_inputs(hq=2, hkv=2, nq=16, nk=40)
     view = to_kernel_layout(v8)
-    plain = view.as_plain_tensor()
+    plain = view._flashdispatch_plain_()
     assert type(plain) is torch.Tensor and plain.data_ptr() == view.data_ptr() and plain.stride() == view.stride()
     problem = build_problem(q8, k8, plain, descales=tuple(descales))
     assert fp8_hopper._kernel_layout_v(plain, problem) and fp8_hopper._kernel_layout_v(view, problem)
-    assert not fp8_hopper._kernel_layout_v(plain[:, :, :40], problem)  # a new tensor: unmarked, a plain V
     seen = []
-    monkeypatch.setattr(fp8_hopper.Fp8HopperBackend, "forward", lambda self, q, k, v, *a, **kw: seen.append(v) or (
+    backend = REGISTRY.get("fp8-hopper")  # the registered instance (other tests may re-import the module)
+    monkeypatch.setattr(backend, "forward", lambda q, k, v, *a, **kw: seen.append(v) or (
         torch.zeros(1, 2, 16, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 16)))
     attention(q8, k8, view, q_descale=descales[0], k_descale=descales[1], v_descale=descales[2],
               backend="fp8-hopper")
-    assert type(seen[0]) is torch.Tensor and seen[0]._fp8_kernel_layout
+    assert type(seen[0]) is torch.Tensor and fp8_hopper._kernel_layout_v(seen[0], problem)
     with pytest.raises(ValueError, match="v: a tensor derived from to_kernel_layout"):
-        view[:, :, :24].as_plain_tensor()
+        view[:, :, :24]._flashdispatch_plain_()
+    plain.zero_()  # written into after the unwrap: the backend's check catches it too
+    with pytest.raises(ValueError, match="v: a tensor derived from to_kernel_layout"):
+        fp8_hopper._kernel_layout_v(plain, problem)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test: for machines without a GPU")
@@ -262,6 +266,7 @@ def test_gpu_zero_descales_give_finite_uniform_attention():
     assert torch.isfinite(out).all() and err <= 2 * base + 1e-3 * ref.abs().max().item(), (err, base)
 
 
+@pytest.mark.gpu
 @gpu
 def test_gpu_exp2_on_the_fma_pipe_matches_exp2():
     # The kernel's polynomial 2^x (a quarter of P's exponentials): relative error under 1e-4 where

@@ -101,6 +101,14 @@ def _options(causal, window, softcap, scale, layout, cu_seqlens_q, cu_seqlens_k,
                 cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, return_lse=return_lse)
 
 
+def _plain(v):
+    """fp8-hopper's to_kernel_layout() V (a tensor subclass, whose every attribute read costs
+    microseconds) as the plain tensor that the backend knows by a mark; anything else as it is."""
+    if type(v) is not torch.Tensor and hasattr(v, "_flashdispatch_plain_"):
+        return v._flashdispatch_plain_()
+    return v
+
+
 def _precision(precision, q, needs_grad: bool) -> str | None:
     """The argument, else the policy's precision for calls it may apply to (float16/bfloat16
     inputs, no gradient: FP8 is forward only), else None (native, or fp8 for float8 inputs)."""
@@ -168,10 +176,7 @@ def attention(
     (B, Hkv) `q_descale`, `k_descale`, `v_descale` (what each tensor was divided by; None: 1) as
     FlashAttention-3 takes them, and give a bfloat16 output.
     """
-    if type(v) is not torch.Tensor and hasattr(v, "as_plain_tensor"):
-        # fp8-hopper's to_kernel_layout() V: a tensor subclass, whose every attribute read costs
-        # microseconds; from here on a plain tensor that the backend knows by a mark.
-        v = v.as_plain_tensor()
+    v = _plain(v)
     needs_grad = torch.is_grad_enabled() and (
         getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False) or getattr(v, "requires_grad", False))
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -227,6 +232,7 @@ def explain(q, k, v, *, causal=False, window=None, softcap=None, scale=None, lay
 
     Takes the same arguments as `attention`; `print()` the result for a table.
     """
+    v = _plain(v)
     options = _options(causal, window, softcap, scale, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        return_lse)
     problem = build_problem(q, k, v, **options, needs_grad=True, deterministic=torch.are_deterministic_algorithms_enabled(),

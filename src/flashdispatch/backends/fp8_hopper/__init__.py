@@ -195,12 +195,14 @@ class KernelLayoutV(torch.Tensor):
     keep the type but not the layout, so attention() takes only the very tensor it returned, and
     only while nothing has written into it."""
 
-    def as_plain_tensor(self) -> torch.Tensor:
+    def _flashdispatch_plain_(self) -> torch.Tensor:
         """This V as a plain tensor marked as being in the kernel's layout (ValueError for a tensor
-        derived from `to_kernel_layout`'s result): what attention() works with, since every
-        attribute read of a tensor subclass costs 2-3 us (measured: `shape` 3.2 against 0.3)."""
+        derived from `to_kernel_layout`'s result): what attention() and explain() work with, since
+        every attribute read of a tensor subclass costs 2-3 us (measured: `shape` 3.2 against 0.3).
+        The plain tensor stays inside the call; it carries the identity checked here, checked
+        again by the backend."""
         plain = _check_made(self)
-        plain._fp8_kernel_layout = True
+        plain._fp8_kernel_layout = self._made
         return plain
 
 
@@ -222,22 +224,28 @@ def _identity(v: torch.Tensor) -> tuple:
     return v.data_ptr(), tuple(v.shape), v.stride(), v._version
 
 
+_DERIVED = ("v: a tensor derived from to_kernel_layout()'s result (sliced, copied, moved or written into) no longer "
+            "has its layout: pass the tensor it returned, or call it again")
+
+
 def _check_made(v: KernelLayoutV) -> torch.Tensor:
     """v as a plain tensor, after checking that it is `to_kernel_layout`'s result, untouched."""
     plain = v.as_subclass(torch.Tensor)  # its attributes are read without the subclass's overhead
     if getattr(v, "_made", None) != _identity(plain):
-        raise ValueError("v: a tensor derived from to_kernel_layout()'s result (sliced, copied, moved or written "
-                         "into) no longer has its layout: pass the tensor it returned, or call it again")
+        raise ValueError(_DERIVED)
     return plain
 
 
 def _kernel_layout_v(v: torch.Tensor, problem: Problem) -> bool:
-    """Whether v is `to_kernel_layout`'s result, as it returned it or as its `as_plain_tensor` gave
-    it; ValueError for a tensor derived from one, or one passed with layout="bshd"."""
+    """Whether v is `to_kernel_layout`'s result, as it returned it or as attention() unwrapped it
+    (`KernelLayoutV._flashdispatch_plain_`); ValueError for a tensor derived from one or written
+    into, or one passed with layout="bshd"."""
     if isinstance(v, KernelLayoutV):
         _check_made(v)
-    elif not getattr(v, "_fp8_kernel_layout", False):  # marked by KernelLayoutV.as_plain_tensor
+    elif not hasattr(v, "_fp8_kernel_layout"):  # the mark of KernelLayoutV._flashdispatch_plain_
         return False
+    elif v._fp8_kernel_layout != _identity(v):
+        raise ValueError(_DERIVED)
     if problem.layout != "bhsd":
         raise ValueError(f"v: a to_kernel_layout() V is (B, Hkv, N, D): pass layout='bhsd', got {problem.layout!r}")
     return True
@@ -258,7 +266,7 @@ def _v_transposed(v: torch.Tensor, in_kernel_layout: bool, warp_specialized: boo
     vt = v.transpose(2, 3)
     seqlen = v.shape[2]
     if in_kernel_layout:
-        vt = vt.as_subclass(torch.Tensor)
+        vt = vt.as_subclass(torch.Tensor)  # a KernelLayoutV where the backend is called directly
         vt = vt.as_strided((*vt.shape[:3], -(-seqlen // 16) * 16), vt.stride())
         return vt if warp_specialized else permute_keys(vt, inverse=True)[..., :seqlen]
     if warp_specialized:

@@ -70,7 +70,7 @@ _failure: str | None = None
 # lockstep: ncu counted 2.4 of 7.55 cycles between a warp's instructions at them.
 # Triton's own barriers use the low ids; K's slots take FREE_ID.., V's FREE_ID + STAGES...
 FREE_ID = gl.constexpr(8)
-
+FREE_THREADS = gl.constexpr(32 * (NUM_WARPS + 4 + 1))  # both consumer warpgroups and the producer warp
 
 
 @gluon.jit
@@ -103,17 +103,17 @@ def _producer(descs, smem, bars, coords, CAUSAL: gl.constexpr, BLOCK_M: gl.const
     for i in range(num_blocks):
         slot = i % STAGES
         if i >= STAGES:  # the first pass through the ring finds every buffer free
-            _named_sync(FREE_ID + slot, 288)
+            _named_sync(FREE_ID + slot, FREE_THREADS)
         mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [b, h_kv, i * BLOCK_N, 0], k_ready.index(slot), k_smem.index(slot))
         if i >= STAGES:
-            _named_sync(FREE_ID + STAGES + slot, 288)
+            _named_sync(FREE_ID + STAGES + slot, FREE_THREADS)
         mbarrier.expect(v_ready.index(slot), vt_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(vt_desc, [b, h_kv, 0, i * BLOCK_N], v_ready.index(slot), vt_smem.index(slot))
     # Take the last hand-backs too, so that no named barrier is left part-way at exit.
     for i in range(gl.maximum(num_blocks - STAGES, 0), num_blocks):
-        _named_sync(FREE_ID + i % STAGES, 288)
-        _named_sync(FREE_ID + STAGES + i % STAGES, 288)
+        _named_sync(FREE_ID + i % STAGES, FREE_THREADS)
+        _named_sync(FREE_ID + STAGES + i % STAGES, FREE_THREADS)
 
 
 @gluon.jit
@@ -166,7 +166,7 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
         s = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                           use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s,))
-        _named_arrive(FREE_ID, 288)
+        _named_arrive(FREE_ID, FREE_THREADS)
         qk_scale = gl.maximum(q_scale * gl.load(k_descale), MIN_SCALE)
         v_scale = gl.maximum(gl.load(v_descale), MIN_SCALE)
         p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, 0, full_end, seqlen_k, shift,
@@ -186,14 +186,14 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
             o = warpgroup_mma(p_op, vt_smem.index(prev).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), o,
                               is_async=True)
             s = warpgroup_mma_wait(1, deps=(s,))
-            _named_arrive(FREE_ID + slot, 288)
+            _named_arrive(FREE_ID + slot, FREE_THREADS)
 
             # Softmax of block j under the running P V product.
             n0 = j * BLOCK_N
             p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, n0, full_end, seqlen_k, shift,
                                                         qk_scale, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True, FMA_SHARE)
             o = warpgroup_mma_wait(0, deps=(o,))
-            _named_arrive(FREE_ID + STAGES + prev, 288)
+            _named_arrive(FREE_ID + STAGES + prev, FREE_THREADS)
             # O moves to block j's max and to block j's V descale in one multiply.
             o = o * gl.expand_dims(gl.convert_layout(alpha * (v_scale / next_v_scale), o_rows), 1)
             v_scale = next_v_scale
@@ -205,7 +205,7 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
         o = warpgroup_mma(p_op, vt_smem.index(last % STAGES).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), o,
                           is_async=True)
         o = warpgroup_mma_wait(0, deps=(o,))
-        _named_arrive(FREE_ID + STAGES + last % STAGES, 288)
+        _named_arrive(FREE_ID + STAGES + last % STAGES, FREE_THREADS)
 
     _write_rows(o, row_max, row_sum, v_scale, rows, m0 + ME * ROWS, seqlen_q, Out + b * stride_ob + h * stride_oh,
                 stride_om, Lse + b * stride_lb + h * stride_lh, P_SHIFT, HEAD_DIM, o_layout)
@@ -252,6 +252,7 @@ def fp8_hopper_forward(
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    gl.static_assert(FREE_ID + 2 * STAGES <= 16, "named barriers: a CTA has 16")
     mbarrier.init(q_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)

@@ -79,8 +79,9 @@ ROUNDING = gl.constexpr(12582912.0)  # 1.5 x 2^23: adding it rounds to an intege
 def _exp2_on_fma(x):
     """2^x on the FMA and integer pipes, for x <= 127 (FlashAttention-4's trick for the MUFU
     bottleneck): x = j + f with j = round(x), 2^f by a cubic, j added to the exponent bits. Below
-    -126 it is 2^-126 (an exponent below that would wrap into the sign bit), which is 0 in e4m3 and
-    nothing beside the row sums of at least 2^P_SHIFT."""
+    -126 (and for NaN: Triton's maximum drops it) it is about 2^-126, not 0 (an exponent below that
+    would wrap into the sign bit): 0 in e4m3, nothing beside a row sum of at least 2^P_SHIFT, and a
+    row that sees no key is told by its max, not its sum (`_write_rows`)."""
     x = gl.maximum(x, -126.0)
     rounded = x + ROUNDING
     f = x - (rounded - ROUNDING)
@@ -95,6 +96,7 @@ def _exp2(x, FMA_SHARE: gl.constexpr):
     elements on the FMA pipe (`_exp2_on_fma`) and the rest on MUFU (FMA_SHARE 0: all on MUFU).
     The split is by register: a thread holds columns 16g + 8a + 2c + j (c = lane % 4); j = 1
     goes to the FMA pipe for a half, and j = a = 1 for a quarter."""
+    gl.static_assert(FMA_SHARE == 0 or FMA_SHARE == 2 or FMA_SHARE == 4, "FMA_SHARE: 0, 2 or 4")
     if FMA_SHARE == 0:
         p = gl.exp2(x)
     else:
@@ -156,9 +158,9 @@ def _block_softmax(s, row_max, row_sum, rows, n0, full_end, seqlen_k, shift, qk_
 def _write_rows(o, row_max, row_sum, out_scale, rows, row0, seqlen_q, Out, stride_om, Lse,
                 P_SHIFT: gl.constexpr, HEAD_DIM: gl.constexpr, o_layout: gl.constexpr):
     """A consumer's rows of the output, o x out_scale / row_sum, and their LSE (the sums carry
-    P's 2^P_SHIFT). Out and Lse point at this (batch, head). Rows that saw no key (row_sum 0) give
+    P's 2^P_SHIFT). Out and Lse point at this (batch, head). Rows that saw no key (row max -inf) give
     output 0 and LSE -inf."""
-    seen = row_sum > 0
+    seen = row_max != float("-inf")  # not row_sum > 0: `_exp2_on_fma` gives masked scores 2^-126, not 0
     if P_SHIFT == 0.0:
         lse = gl.where(seen, (row_max + gl.log2(gl.where(seen, row_sum, 1.0))) * LN2, float("-inf"))
     else:
