@@ -268,6 +268,21 @@ def test_gpu_zero_descales_give_finite_uniform_attention():
 
 @pytest.mark.gpu
 @gpu
+def test_gpu_rows_that_see_no_key_give_zeros_at_any_v_descale():
+    # Causal with Nq > Nk: the first Nq - Nk rows see no key. Their P is 0 in e4m3 but about
+    # 2^-126 where the FMA pipe takes the exponential: the row max, not the sum, must tell them.
+    (q8, k8, v8), descales = _fp8_inputs(1, 4, 2, 300, 100, 128, device="cuda", seed=4)
+    descales[2] = torch.full_like(descales[2], 1000.0)
+    out, lse = attention(q8, k8, v8, causal=True, q_descale=descales[0], k_descale=descales[1],
+                         v_descale=descales[2], return_lse=True)
+    assert torch.isfinite(out).all() and not out[:, :, :200].any() and (lse[:, :, :200] == -math.inf).all()
+    ref, _, plain = _reference(q8, k8, v8, descales, True)
+    err, base = (out.double() - ref).abs().max().item(), (plain.double() - ref).abs().max().item()
+    assert err <= 2 * base + 1e-3 * ref.abs().max().item(), (err, base)
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_exp2_on_the_fma_pipe_matches_exp2():
     # The kernel's polynomial 2^x (a quarter of P's exponentials): relative error under 1e-4 where
     # P can land, and a non-negative number below 2^-125 (0 in e4m3) for masked scores (-inf).
