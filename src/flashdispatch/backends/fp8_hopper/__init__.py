@@ -286,8 +286,7 @@ def _portable_forward(q8, k8, vt8, descales, out_dtype, problem):
     group = problem.group_size
     rows, keys, warps, stages = tiles(head_dim, problem.causal)
     q_blocks, k_blocks = triton.cdiv(seqlen_q, rows), triton.cdiv(seqlen_k, keys)
-    per_block_v = problem.dtype != FP8_DTYPE
-    if per_block_v:
+    if problem.dtype != FP8_DTYPE:  # quantized here: one descale per block already
         q_scales, k_scales, v_scales = descales
     else:
         device = q8.device
@@ -300,6 +299,6 @@ def _portable_forward(q8, k8, vt8, descales, out_dtype, problem):
         *q8.stride(), *k8.stride(), *vt8.stride(), *out.stride(),
         *q_scales.stride(), *k_scales.stride()[:2], *v_scales.stride()[:2],
         heads_q, group, seqlen_q, seqlen_k, problem.scale,
-        HEAD_DIM=head_dim, BLOCK_M=rows, BLOCK_N=keys, CAUSAL=problem.causal, PER_BLOCK_V=per_block_v,
+        HEAD_DIM=head_dim, BLOCK_M=rows, BLOCK_N=keys, CAUSAL=problem.causal,
         num_warps=warps, num_stages=stages)
     return out, lse

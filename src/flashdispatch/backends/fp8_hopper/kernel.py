@@ -8,12 +8,14 @@ memory. Per key block j:
 
     S_j = (Q K_j^T) x q_descale x k_descale_j x scale x log2(e)    e4m3 x e4m3 -> float32
     P_j = exp2(S_j - running max + 8)                               float32, in [0, 256]
-    O   = O x exp2(old max - new max) + e4m3(P_j) V_j x v_descale_j e4m3 x e4m3 -> float32
+    O   = O x exp2(old max - new max) x v_descale_{j-1} / v_descale_j + e4m3(P_j) V_j
 
-P is rounded to e4m3 for the second matmul as FlashAttention-3 does, scaled by 2^8 so that small
-probabilities stay normal numbers (P_SHIFT); the row sums use the float32 P. With one V descale
-per head (PER_BLOCK_V false) the product accumulates in place and the descale is applied once at
-the end. Causal masks are bottom-right aligned; key blocks wholly
+so O is kept in units of the current block's V descale (the last one multiplies it out at the
+end) and the product accumulates in place: one (BLOCK_M, D) float32 tile, where a product
+scaled apart from O took a second one (at D = 256 the with-quantization path ran at half the
+pre-quantized one's speed, 2026-12-05). P is rounded to e4m3 for the second matmul as
+FlashAttention-3 does, scaled by 2^8 so that small probabilities stay normal numbers (P_SHIFT);
+the row sums use the float32 P. Causal masks are bottom-right aligned; key blocks wholly
 visible to the row block skip the mask, wholly masked ones are never visited.
 """
 
@@ -27,13 +29,16 @@ LN2 = tl.constexpr(0.6931471805599453)
 # lose most of their digits; shifted, every P above 2^-14 keeps e4m3's 3 mantissa bits. The row
 # sums carry the same factor, so the normalisation cancels it, and the LSE subtracts it.
 P_SHIFT = tl.constexpr(8.0)
+# V descales are kept at or above float32's smallest normal number, so that the ratio of two
+# blocks' is finite (a zero descale: an all-zero V from a caller's amax / 448).
+MIN_SCALE = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
-def _key_block(acc, row_max, row_sum, q, k_ptrs, v_ptrs, k_descale, v_descale, start_n, q_scale,
-               rows, seqlen_k, shift, MASK: tl.constexpr, CAUSAL: tl.constexpr, PER_BLOCK_V: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    """One key block: loads K_j (BLOCK_N, D) and V_j^T (D, BLOCK_N), updates (acc, max, sum)."""
+def _key_block(acc, row_max, row_sum, v_scale, q, k_ptrs, v_ptrs, k_descale, v_descale, start_n, q_scale,
+               rows, seqlen_k, shift, MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block: loads K_j (BLOCK_N, D) and V_j^T (D, BLOCK_N), updates (acc, max, sum) and
+    v_scale, the V descale acc is in units of."""
     cols = start_n + tl.arange(0, BLOCK_N)
     if MASK:  # the last block may pass the end of the keys: read zeros there
         k = tl.load(k_ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
@@ -56,11 +61,9 @@ def _key_block(acc, row_max, row_sum, q, k_ptrs, v_ptrs, k_descale, v_descale, s
     alpha = tl.math.exp2(row_max - base)
     row_sum = row_sum * alpha + tl.sum(p, 1)
     p8 = p.to(vt.dtype)
-    if PER_BLOCK_V:
-        acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt)) * tl.load(v_descale + block)
-    else:
-        acc = tl.dot(p8, tl.trans(vt), acc * alpha[:, None])
-    return acc, new_max, row_sum
+    next_v_scale = tl.maximum(tl.load(v_descale + block), MIN_SCALE)
+    acc = tl.dot(p8, tl.trans(vt), acc * (alpha * (v_scale / next_v_scale))[:, None])
+    return acc, new_max, row_sum, next_v_scale
 
 
 @triton.jit
@@ -75,7 +78,7 @@ def fp8_attention_forward(
         stride_vsb, stride_vsh,
         heads_q, group, seqlen_q, seqlen_k, scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr, PER_BLOCK_V: tl.constexpr):
+        CAUSAL: tl.constexpr):
     # Grid: (query blocks, batch x query heads).
     m_block = tl.program_id(0)
     bh = tl.program_id(1)
@@ -98,6 +101,7 @@ def fp8_attention_forward(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    v_scale = 1.0  # acc's units: the V descale of the last key block multiplied in
 
     # Key blocks: [0, full_end) are visible to every row of the block (no mask), [full_end, end)
     # partly (causal diagonal, or the ragged end of the keys).
@@ -110,17 +114,16 @@ def fp8_attention_forward(
         full_end = seqlen_k // BLOCK_N * BLOCK_N
     end = tl.maximum(end, 0)
     for start_n in range(0, full_end, BLOCK_N):
-        acc, row_max, row_sum = _key_block(acc, row_max, row_sum, q, k_ptrs + start_n * stride_kn,
-                                           v_ptrs + start_n * stride_vn, k_descale, v_descale, start_n, q_scale,
-                                           rows, seqlen_k, shift, False, CAUSAL, PER_BLOCK_V, BLOCK_N)
+        acc, row_max, row_sum, v_scale = _key_block(acc, row_max, row_sum, v_scale, q, k_ptrs + start_n * stride_kn,
+                                                    v_ptrs + start_n * stride_vn, k_descale, v_descale, start_n,
+                                                    q_scale, rows, seqlen_k, shift, False, CAUSAL, BLOCK_N)
     for start_n in range(full_end, end, BLOCK_N):
-        acc, row_max, row_sum = _key_block(acc, row_max, row_sum, q, k_ptrs + start_n * stride_kn,
-                                           v_ptrs + start_n * stride_vn, k_descale, v_descale, start_n, q_scale,
-                                           rows, seqlen_k, shift, True, CAUSAL, PER_BLOCK_V, BLOCK_N)
+        acc, row_max, row_sum, v_scale = _key_block(acc, row_max, row_sum, v_scale, q, k_ptrs + start_n * stride_kn,
+                                                    v_ptrs + start_n * stride_vn, k_descale, v_descale, start_n,
+                                                    q_scale, rows, seqlen_k, shift, True, CAUSAL, BLOCK_N)
 
     # Normalise; a row that saw no key gets 0 and LSE -inf.
-    if not PER_BLOCK_V:
-        acc = acc * tl.load(v_descale)
+    acc = acc * v_scale
     seen = row_sum > 0.0
     out = acc / tl.where(seen, row_sum, 1.0)[:, None]
     lse = tl.where(seen, (row_max + tl.math.log2(tl.where(seen, row_sum, 1.0)) - P_SHIFT) * LN2, float("-inf"))
