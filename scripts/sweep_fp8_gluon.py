@@ -1,11 +1,13 @@
 """The Gluon FP8 forward on pre-arranged e4m3 inputs (H100/H200):
-TFLOP/s of `fp8_hopper.hopper.forward` at D = 64 and 128 (at each of --fma-shares), beside the portable Triton kernel
+TFLOP/s of `fp8_hopper.hopper.forward` at each pair of --stages and --fma-shares (the kernel's
+settings; a setting the kernel cannot launch, too much shared memory, says so), beside the portable Triton kernel
 through attention() on the same inputs and cuDNN's bf16. Run from the repository root with
 PYTHONPATH=src:scripts; one line per case starting with `sweep:`."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -24,9 +26,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fma-shares", default=str(hopper.FMA_SHARE),
                         help="comma-separated hopper.FMA_SHARE values to time the Gluon kernel at")
+    parser.add_argument("--stages", default=str(hopper.STAGES), help="comma-separated hopper.STAGES values")
     parser.add_argument("--head-dims", default="128,64")
     args = parser.parse_args()
-    shares = [int(x) for x in args.fma_shares.split(",")]
+    settings = list(itertools.product(*([int(x) for x in arg.split(",")] for arg in (args.stages, args.fma_shares))))
     head_dims = tuple(int(x) for x in args.head_dims.split(","))
     for d, n, causal, q, k, v, flops in prefill_cases(head_dims=head_dims, lengths=(4096, 16384)):
         q8, k8, v8 = (t.to(FP8) for t in (q, k, v))
@@ -35,11 +38,16 @@ def main() -> None:
         vt = to_kernel_layout(v8).transpose(2, 3)
         vt = vt.as_strided((*vt.shape[:3], -(-n // 16) * 16), vt.stride())
         rates = []
-        default_share = hopper.FMA_SHARE
-        for hopper.FMA_SHARE in shares:
+        defaults = hopper.STAGES, hopper.FMA_SHARE
+        for hopper.STAGES, hopper.FMA_SHARE in settings:
+            name = f"gluon[{hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE}]"
+            if hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem) is None:
+                rates.append(f"{name} fails ({hopper._failure})")
+                hopper._failure = None
+                continue
             seconds = median_time(lambda: hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem), "cuda")
-            rates.append(f"gluon[fma 1/{hopper.FMA_SHARE}] {flops / seconds / 1e12:.0f}")
-        hopper.FMA_SHARE = default_share
+            rates.append(f"{name} {flops / seconds / 1e12:.0f}")
+        hopper.STAGES, hopper.FMA_SHARE = defaults
         hopper._failure = "sweep: the portable kernel"
         seconds = median_time(lambda: attention(q8, k8, v8.transpose(2, 3).contiguous().transpose(2, 3), causal=causal,
                                                 q_descale=ones, k_descale=ones, v_descale=ones), "cuda")

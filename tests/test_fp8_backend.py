@@ -351,7 +351,7 @@ from triton.runtime.jit import mangle_type
 from flashdispatch.backends.fp8_hopper import hopper
 
 fn = hopper.fp8_hopper_forward
-for head_dim, causal in ((128, False), (64, True)):
+for head_dim, causal in ((128, False), (64, True), (256, True)):
     q = torch.empty(2, 4, 256, head_dim, dtype=torch.float8_e4m3fn)
     vt = torch.empty(2, 4, head_dim, 256, dtype=torch.float8_e4m3fn)
     descs = {"q_desc": hopper._descriptor(q, [1, 1, hopper.BLOCK_M, head_dim]),
@@ -367,7 +367,8 @@ for head_dim, causal in ((128, False), (64, True)):
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=hopper.NUM_WARPS, maxnreg=hopper.MAX_REGISTERS)).asm["ptx"]
     case = (head_dim, causal)
-    assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx, case  # FP8 wgmma, both products
+    for n in (hopper.BLOCK_N, head_dim):  # FP8 wgmma, both products: S (N = keys), P V (N = head dim)
+        assert f"wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3" in ptx, case
     assert "wgmma.wait_group.sync.aligned 1" in ptx, case  # P V left in flight under the softmax
     # P packed in place: no shuffles between threads (one broadcasts the warp index at the start).
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and ptx.count("shfl.sync.idx") <= 1, case

@@ -12,7 +12,7 @@ Two ways in:
   (transposed; for the Hopper kernel with its keys permuted), unless it comes from
   `to_kernel_layout`. The output is bfloat16.
 
-Two kernels: `hopper.py` (Gluon, warp-specialized, D 64 and 128) and `kernel.py` (Triton: D 256,
+Two kernels: `hopper.py` (Gluon, warp-specialized, D 64, 128 and 256) and `kernel.py` (Triton:
 the CPU interpreter, and whatever the first cannot take). Both change the numerics (FP8 rounds Q,
 K, V and P to 3 mantissa bits), so the backend runs only for calls that ask for precision="fp8",
 never for a plain float16/bfloat16 call; and only on compute capability 9.x (Hopper's FP8 wgmma,

@@ -26,8 +26,8 @@ so O is kept in units of the current block's V descale; the last one multiplies 
 end, with no per-block accumulator. Masks are bottom-right aligned; key blocks wholly visible to
 a row block skip the mask.
 
-Scope: dense batches, head dim 64 or 128, causal or not, GQA. D = 256 and the CPU interpreter
-run `kernel.py`.
+Scope: dense batches, head dim 64, 128 or 256, causal or not, GQA. The CPU interpreter runs
+`kernel.py`.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ MAX_REGISTERS = 168
 # amax / 448 of an all-zero head) would make a masked score -inf x 0 = NaN, and a subnormal one
 # is flushed to zero by the kernel's arithmetic.
 MIN_SCALE = gl.constexpr(1.1754943508222875e-38)
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (64, 128, 256)
 
 log = logging.getLogger("flashdispatch")
 # Why the kernel stopped being used in this process (it failed to compile or launch), or None.

@@ -319,11 +319,11 @@ if triton is not None:
 
 
 def _split(head_dim: int, rotate: bool) -> bool:
-    # Rotations wider than 128 as two dots of half the width. The full D x D dot is 2D/3 flops per
-    # byte moved (2 bytes read, 1 written an element): 171 at D = 256, about what an H100 sustains
-    # in Triton's dots per byte of copy bandwidth (~500 TFLOP/s over ~3 TB/s, an estimate, not
-    # measured); split, 85, as at D = 128.
-    return rotate and head_dim > 128
+    # Rotations of 128 and wider as two dots of half the width. The full D x D dot is 2D/3 flops per
+    # byte moved (2 bytes read, 1 written an element): 85 at D = 128, 171 at D = 256, near or past
+    # what an H100 sustains in Triton's dots per byte of copy bandwidth. Measured on an H100
+    # (scripts/bench_fp8_quantize.py, 2026-12-05): D = 128 split 220 us, whole 291 us.
+    return rotate and head_dim >= 128
 
 
 def _num_warps(head_dim: int, block_rows: int) -> int:
