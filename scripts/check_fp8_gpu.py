@@ -229,6 +229,9 @@ def _compile_portable(fp8_hopper, q, k, v):
         HEAD_DIM=128, BLOCK_M=rows, BLOCK_N=keys, CAUSAL=False, num_warps=warps, num_stages=stages)
 
 
+WARM_SECONDS = 0.2  # `median_time`: each case's runs start at a settled clock
+
+
 def speed(head_dims, lengths) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -242,18 +245,21 @@ def speed(head_dims, lengths) -> int:
         q8, k8, v8 = (t.to(FP8) for t in (q, k, v))
         v8_kmajor = to_kernel_layout(v8)  # rearranged once, as a V that stays fixed over calls can be
         ones = torch.ones(q.shape[0], q.shape[1], device="cuda")
+
+        def rate(fn):
+            return flops / median_time(fn, "cuda", warm_seconds=WARM_SECONDS) / 1e12
+
         rates = {
-            "fp8 pre-quantized": flops / median_time(lambda: attention(q8, k8, v8_kmajor, causal=causal, q_descale=ones,
-                                                                       k_descale=ones, v_descale=ones), "cuda") / 1e12,
-            "fp8 pre-quantized, V rearranged in the call": flops / median_time(
-                lambda: attention(q8, k8, v8, causal=causal, q_descale=ones, k_descale=ones, v_descale=ones), "cuda") / 1e12,
-            "fp8 from bf16 (quantize + rotate)": flops / median_time(
-                lambda: attention(q, k, v, causal=causal, precision="fp8"), "cuda") / 1e12,
+            "fp8 pre-quantized": rate(lambda: attention(q8, k8, v8_kmajor, causal=causal, q_descale=ones,
+                                                        k_descale=ones, v_descale=ones)),
+            "fp8 pre-quantized, V rearranged in the call": rate(
+                lambda: attention(q8, k8, v8, causal=causal, q_descale=ones, k_descale=ones, v_descale=ones)),
+            "fp8 from bf16 (quantize + rotate)": rate(lambda: attention(q, k, v, causal=causal, precision="fp8")),
         }
         for name, kind in (("cudnn bf16", SDPBackend.CUDNN_ATTENTION), ("flash bf16", SDPBackend.FLASH_ATTENTION)):
             try:
                 with sdpa_kernel(kind):
-                    rates[name] = flops / median_time(lambda: sdpa(q, k, v, is_causal=causal), "cuda") / 1e12
+                    rates[name] = rate(lambda: sdpa(q, k, v, is_causal=causal))
             except RuntimeError:
                 rates[name] = float("nan")  # sdpa-flash has no D = 256 backward-free limit here; cuDNN may refuse
         cudnn = rates["cudnn bf16"]

@@ -20,6 +20,7 @@ from flashdispatch.timing import median_time
 from gpu_grid import prefill_cases
 
 FP8 = torch.float8_e4m3fn
+WARM_SECONDS = 0.2  # `median_time`: each setting's runs start at a settled clock
 
 
 def main() -> None:
@@ -42,19 +43,21 @@ def main() -> None:
         for hopper.STAGES, hopper.FMA_SHARE in settings:
             name = f"gluon[{hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE}]"
             if hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem) is None:
-                rates.append(f"{name} fails ({hopper._failure})")
+                rates.append(f"{name} fails ({hopper._failure.splitlines()[0]})")
                 hopper._failure = None
                 continue
-            seconds = median_time(lambda: hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem), "cuda")
+            seconds = median_time(lambda: hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem), "cuda",
+                                  warm_seconds=WARM_SECONDS)
             rates.append(f"{name} {flops / seconds / 1e12:.0f}")
         hopper.STAGES, hopper.FMA_SHARE = defaults
         hopper._failure = "sweep: the portable kernel"
         seconds = median_time(lambda: attention(q8, k8, v8.transpose(2, 3).contiguous().transpose(2, 3), causal=causal,
-                                                q_descale=ones, k_descale=ones, v_descale=ones), "cuda")
+                                                q_descale=ones, k_descale=ones, v_descale=ones), "cuda", warm_seconds=WARM_SECONDS)
         hopper._failure = None
         rates.append(f"portable {flops / seconds / 1e12:.0f}")
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            seconds = median_time(lambda: scaled_dot_product_attention(q, k, v, is_causal=causal), "cuda")
+            seconds = median_time(lambda: scaled_dot_product_attention(q, k, v, is_causal=causal), "cuda",
+                                  warm_seconds=WARM_SECONDS)
         rates.append(f"cudnn bf16 {flops / seconds / 1e12:.0f}")
         print(f"sweep: D={d} N={n} causal={causal}: " + ", ".join(rates) + " TFLOP/s", flush=True)
 
