@@ -168,6 +168,18 @@ def test_attention_reads_a_kernel_layout_v_as_a_plain_tensor_it_marks(monkeypatc
         fp8_hopper._kernel_layout_v(plain, problem)
 
 
+def test_the_gluon_kernel_takes_every_head_dim_the_backend_does():
+    pytest.importorskip("triton.experimental.gluon")
+    from flashdispatch.backends.fp8_hopper import HEAD_DIMS, hopper
+
+    for d in HEAD_DIMS:
+        (q8, k8, v8), descales = _fp8_inputs(d=d)
+        assert hopper.problem_reasons(build_problem(q8, k8, v8, causal=True, descales=descales)) == [], d
+    (q8, k8, v8), descales = _fp8_inputs()
+    problem = build_problem(q8, k8, v8, scale=-0.5, descales=descales)
+    assert hopper.problem_reasons(problem) == ["positive scales only (the row max is taken before scaling)"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test: for machines without a GPU")
 @pytest.mark.parametrize("causal", [False, True])
 def test_after_a_hopper_kernel_failure_the_portable_kernel_gets_its_own_quantization(monkeypatch, causal):
