@@ -3,13 +3,15 @@ to float8 and a copy, and a check of its results against `quantize_reference`.
 
     PYTHONPATH=src python scripts/bench_fp8_quantize.py [--block-rows 128] [--warps 4,8,16]
 
-bfloat16 (B, H, N) = (4, 32, 8192) at D = 64, 128 and 256. First `quant-check: ok` or
-`quant-check: FAILED ...`: the kernel against the reference on random data, bit for bit without
-the rotation, with it by the tests' rule (descales within rtol 1e-6, e4m3 values at most one step
-apart, at most 1e-3 of them different). Then one line per case, `quant: ...`, with the median time
-(CUDA events, L2 flushed: `flashdispatch.timing.median_time`) and the bandwidth (bytes read +
-bytes written: 2 + 1 an element for the quantization and the cast, 2 + 2 for the copy). Each mode
-is timed at every count of --warps and at the kernel's own choice (marked *, not yet measured).
+bfloat16 (B, H, N) = (4, 32, 8192) at D = 64, 128 and 256. First `quant-check: ok` or `quant-check:
+FAILED ...`: the kernel against the reference on random data, bit for bit without the rotation (and
+`rearrange_v` against PyTorch's copies), with it by the tests' rule (descales within rtol 1e-6, e4m3
+values at most one step apart, at most 1e-3 of them different). Then one line per case, `quant:
+...`, with the median time (CUDA events, L2 flushed: `flashdispatch.timing.median_time`) and the
+bandwidth (bytes read + bytes written: 2 + 1 an element for the quantization and the cast, 2 + 2 for
+the copy, 1 + 1 for an e4m3 V rearranged into the Hopper kernel's layout: `rearrange_v`, and
+PyTorch's strided copy that it replaced, N being a multiple of 16). Each mode is timed at every
+count of --warps and at the kernel's own choice (marked *, not yet measured).
 About 40 s on an H100, mostly compiling (3 head dims x 3 modes x 3 warp counts).
 """
 
@@ -19,8 +21,8 @@ import argparse
 
 import torch
 
-from flashdispatch.backends.fp8_hopper.quantize import (FP8, _num_warps, quantize, quantize_reference,
-                                                          random_signs)
+from flashdispatch.backends.fp8_hopper.quantize import (FP8, _num_warps, permute_keys, quantize, quantize_reference,
+                                                          random_signs, rearrange_v)
 from flashdispatch.timing import median_time
 
 SHAPE = (4, 32, 8192)
@@ -50,7 +52,11 @@ def bench(block_rows: int, warps: list[int]) -> None:
                 seconds = median_time(lambda: quantize(x, block_rows, num_warps=count, **_args(mode, signs)), device)
                 mark = "*" if count == default else " "  # the kernel's own choice
                 _line(f"D={head_dim} {mode} rows={block_rows} warps={count}{mark}", seconds, 3 * elements)
-        del x
+        v8 = x.to(FP8)
+        _line(f"D={head_dim} e4m3 V rearranged", median_time(lambda: rearrange_v(v8), device), 2 * elements)
+        _line(f"D={head_dim} e4m3 V, PyTorch's copies", median_time(lambda: permute_keys(v8.transpose(2, 3)), device),
+              2 * elements)
+        del x, v8
 
 
 def _e4m3_step(v: torch.Tensor) -> torch.Tensor:
@@ -93,6 +99,11 @@ def check(block_rows: int) -> bool:
                 problem = mismatch(x, block_rows, args["signs"], args["transpose"])
                 if problem:
                     failures.append(f"D={head_dim} {name} {mode}: {problem}")
+            v8 = x.to(FP8)
+            padded = torch.zeros(*v8.shape[:2], head_dim, -(-v8.shape[2] // 16) * 16, dtype=FP8, device=device)
+            padded[..., :v8.shape[2]] = v8.transpose(2, 3)
+            if not torch.equal(rearrange_v(v8).view(torch.uint8), permute_keys(padded).view(torch.uint8)):
+                failures.append(f"D={head_dim} {name} e4m3 V rearranged: bytes differ")
         del full
     for failure in failures:
         print(f"quant-check: {failure}", flush=True)

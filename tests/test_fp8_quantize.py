@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from flashdispatch.backends.fp8_hopper.quantize import (FP8_MAX, hadamard_rotate, permute_keys, quantize,
-                                                          quantize_reference, random_signs, rotation_matrix)
+                                                          quantize_reference, random_signs, rearrange_v,
+                                                          rotation_matrix)
 
 try:
     import triton  # noqa: F401
@@ -314,6 +315,32 @@ def test_kernel_writes_v_in_the_hopper_kernels_key_order(seqlen):
 
 
 @needs_kernel
+@pytest.mark.parametrize("interpret", [True, False])
+def test_rearrange_v_copies_e4m3_bytes_into_the_hopper_kernels_layout(monkeypatch, interpret):
+    # The kernel's copy mode (no scaling) and, on a CPU without the interpreter, PyTorch's copies:
+    # the same bytes as the transposed, zero-padded V in `permute_keys`'s order, NaN bytes included.
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
+    elif not interpret:
+        pytest.skip("the PyTorch path is the CPU's without the interpreter")
+    g = torch.Generator().manual_seed(3)
+    for batch, heads, seqlen, head_dim in ((2, 3, 37, 64), (1, 2, 300, 128), (1, 1, 16, 256), (2, 2, 1, 64)):
+        bshd = (torch.randn(batch, seqlen, heads, head_dim, generator=g) * 3).to(FP8)
+        bshd.view(torch.uint8)[:, 0, :, 1] = 0xFF  # a NaN in every head
+        v8 = bshd.transpose(1, 2).to(DEVICE)  # (B, H, N, D) over bshd memory
+        padded = torch.zeros(batch, heads, head_dim, -(-seqlen // 16) * 16, dtype=FP8)
+        padded[..., :seqlen] = bshd.transpose(1, 2).transpose(2, 3)
+        got = rearrange_v(v8)
+        assert got.shape == padded.shape and got.stride(3) == 1, (seqlen, head_dim)
+        assert torch.equal(got.cpu().view(torch.uint8), permute_keys(padded).view(torch.uint8)), (seqlen, head_dim)
+    assert rearrange_v(torch.empty(1, 2, 0, 64, dtype=FP8, device=DEVICE)).shape == (1, 2, 64, 0)
+    with pytest.raises(ValueError, match="v: expected a \\(B, H, N, D\\) float8_e4m3fn tensor"):
+        rearrange_v(torch.randn(1, 2, 8, 64, device=DEVICE))
+    with pytest.raises(ValueError, match="v: head dim must be a power of two >= 16"):
+        rearrange_v(torch.zeros(1, 2, 8, 48, device=DEVICE).to(FP8))
+
+
+@needs_kernel
 def test_kernel_takes_strided_inputs():
     bshd = torch.randn(2, 150, 4, 128, dtype=torch.float16, device=DEVICE)
     x = bshd.transpose(1, 2)  # bhsd view: N stride 4 * 128, H stride 128
@@ -396,24 +423,26 @@ aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
            for name in ("X", "M", "Out", "Descale", "stride_xb", "stride_xh", "stride_xn")}
 for dtype, head_dim, block_rows, rotate, transpose, key_order in (
         ("bf16", 128, 128, True, False, False), ("fp16", 256, 64, True, True, False),
-        ("bf16", 128, 128, False, True, True), ("fp32", 64, 64, False, False, False)):
-    constexprs = dict(stride_xd=1, ROTATE=rotate, SPLIT=quantize._split(head_dim, rotate), IEEE=dtype == "fp32",
-                      ROUND=False, TRANSPOSE=transpose, KEY_ORDER=key_order, BLOCK_ROWS=block_rows, HEAD_DIM=head_dim,
-                      INV_SQRT_D=quantize._inv_sqrt(head_dim))
-    types = {"X": "*" + dtype, "M": "*" + dtype, "Out": "*fp8e4nv", "Descale": "*fp32"}
+        ("bf16", 128, 128, False, True, True), ("fp32", 64, 64, False, False, False),
+        ("u8", 128, 128, False, True, True)):  # u8: `rearrange_v`'s copy of e4m3 bytes, no scaling
+    scale = dtype != "u8"
+    constexprs = dict(stride_xd=1, SCALE=scale, ROTATE=rotate, SPLIT=quantize._split(head_dim, rotate),
+                      IEEE=dtype == "fp32", ROUND=False, TRANSPOSE=transpose, KEY_ORDER=key_order,
+                      BLOCK_ROWS=block_rows, HEAD_DIM=head_dim, INV_SQRT_D=quantize._inv_sqrt(head_dim))
+    types = {"X": "*" + dtype, "M": "*" + dtype, "Out": "*fp8e4nv" if scale else "*u8", "Descale": "*fp32"}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
     src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
                     attrs=aligned)
     options = dict(num_warps=quantize._num_warps(head_dim, block_rows))
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
     case = (dtype, head_dim, block_rows, rotate, transpose)
-    # Round to nearest even, saturating, in hardware; IEEE division (as PyTorch's).
-    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, case
-    assert "div.rn.f32" in ptx and "div.full.f32" not in ptx, case
+    # Round to nearest even, saturating, in hardware; IEEE division (as PyTorch's). The copy converts nothing.
+    assert ("cvt.rn.satfinite.e4m3x2.f32" in ptx) == scale, case
+    assert ("div.rn.f32" in ptx) == scale and "div.full.f32" not in ptx, case
     # 16-byte loads and fp8 stores (the transposed ones too), beside the descale's one b32 store.
     loads, stores = re.findall(r"ld\.global\S*", ptx), re.findall(r"st\.global\S*", ptx)
     assert loads and all(".v4." in op for op in loads), (case, sorted(set(loads)))
-    assert stores.count("st.global.b32") == 1 and len(stores) > 1, (case, sorted(set(stores)))
+    assert stores.count("st.global.b32") == int(scale) and len(stores) > 1, (case, sorted(set(stores)))
     assert all(".v4." in op for op in stores if op != "st.global.b32"), (case, sorted(set(stores)))
     # The rotation on the tensor cores.
     assert ("wgmma.mma_async" in ptx) == rotate, case

@@ -28,7 +28,7 @@ import torch
 from ...dispatcher.capabilities import Capabilities
 from ...dispatcher.problem import FP8_DTYPE, Problem
 from ..base import Backend, Support, from_bhsd, to_bhsd
-from .quantize import permute_keys
+from .quantize import permute_keys, rearrange_v
 
 SUPPORT = Support(
     dtypes=(torch.float16, torch.bfloat16, FP8_DTYPE),
@@ -213,9 +213,7 @@ def to_kernel_layout(v: torch.Tensor) -> torch.Tensor:
     returned, as `v` to attention() (layout="bhsd") with the same descales: each call then skips
     the rearrangement of V (a V that stays fixed over calls: a prompt's cache, a benchmark). It is
     read-only: rearrange again after changing V. Other V tensors are rearranged in each call."""
-    if v.dim() != 4 or v.dtype != FP8_DTYPE:
-        raise ValueError(f"v: expected a (B, H, N, D) float8_e4m3fn tensor, got {v.dtype} of shape {tuple(v.shape)}")
-    view = permute_keys(_padded(v.transpose(2, 3))).transpose(2, 3)[:, :, :v.shape[2]].as_subclass(KernelLayoutV)
+    view = rearrange_v(v).transpose(2, 3)[:, :, :v.shape[2]].as_subclass(KernelLayoutV)
     view._made = _identity(view)
     return view
 
@@ -251,14 +249,6 @@ def _kernel_layout_v(v: torch.Tensor, problem: Problem) -> bool:
     return True
 
 
-def _padded(vt: torch.Tensor) -> torch.Tensor:
-    """A copy of vt (B, H, D, N) with N zero-padded to a multiple of 16."""
-    seqlen = vt.shape[3]
-    out = torch.zeros(*vt.shape[:3], -(-seqlen // 16) * 16, dtype=vt.dtype, device=vt.device)
-    out[..., :seqlen] = vt
-    return out
-
-
 def _v_transposed(v: torch.Tensor, in_kernel_layout: bool, warp_specialized: bool) -> torch.Tensor:
     """V^T as the kernel that runs reads it: (B, H, D, N_pad) in `to_kernel_layout`'s order, padding
     included (a 16-key group holds keys from its whole range), for the Gluon kernel; (B, H, D, N) in
@@ -270,7 +260,7 @@ def _v_transposed(v: torch.Tensor, in_kernel_layout: bool, warp_specialized: boo
         vt = vt.as_strided((*vt.shape[:3], -(-seqlen // 16) * 16), vt.stride())
         return vt if warp_specialized else permute_keys(vt, inverse=True)[..., :seqlen]
     if warp_specialized:
-        return permute_keys(vt if seqlen % 16 == 0 else _padded(vt))
+        return rearrange_v(v)
     return vt if vt.stride(3) == 1 else vt.contiguous()
 
 

@@ -28,7 +28,9 @@ V is not rotated (its rotation would have to be undone on the output) and is wri
 (B, H, D, N_pad) with N contiguous: the K-major B operand that Hopper's FP8 wgmma reads for P V.
 N_pad is N rounded up to 16 (the FP8 MMA's K step) and the pad columns hold zeros. For the
 Hopper kernel (`hopper.py`) the keys of each group of 16 come in its P operand's order
-(`permute_keys`, `key_order=True`), so that P needs no data moved between threads.
+(`permute_keys`, `key_order=True`), so that P needs no data moved between threads. An e4m3 V
+(pre-quantized inputs) is put in that layout by the same kernel without its scaling
+(`rearrange_v`).
 
 Reference and kernel. `quantize_reference` is the plain-PyTorch statement of all this: its
 rotation is the fast Walsh-Hadamard transform (log2(D) butterfly stages) in float64, rounded once
@@ -49,6 +51,7 @@ rotation the kernel's bytes and descales equal the reference's exactly.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -216,16 +219,20 @@ if triton is not None:
         return (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _store_e4m3(out, row0, rows, cols, y, scale, out_rows, ROUND: tl.constexpr, TRANSPOSE: tl.constexpr,
-                    KEY_ORDER: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """y / scale in e4m3 into rows row0 + rows and columns `cols` of one (batch, head)'s output:
-        (out_rows, HEAD_DIM) row-major, or with TRANSPOSE (HEAD_DIM, out_rows), with KEY_ORDER its
-        rows in `permute_keys`'s order. Rows >= out_rows are not written."""
-        # div_rn: IEEE division, as PyTorch's; Triton's `/` is an approximate one on the GPU.
-        y = tl.clamp(tl.math.div_rn(y, scale), -448.0, 448.0)
-        if ROUND:
-            y = _round_to_e4m3(y)
-        y8 = y.to(tl.float8e4nv)
+    def _store_e4m3(out, row0, rows, cols, y, scale, out_rows, SCALE: tl.constexpr, ROUND: tl.constexpr,
+                    TRANSPOSE: tl.constexpr, KEY_ORDER: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """y / scale in e4m3 (y's bytes as they are without SCALE) into rows row0 + rows and
+        columns `cols` of one (batch, head)'s output: (out_rows, HEAD_DIM) row-major, or with
+        TRANSPOSE (HEAD_DIM, out_rows), with KEY_ORDER its rows in `permute_keys`'s order. Rows >=
+        out_rows are not written."""
+        if SCALE:
+            # div_rn: IEEE division, as PyTorch's; Triton's `/` is an approximate one on the GPU.
+            y = tl.clamp(tl.math.div_rn(y, scale), -448.0, 448.0)
+            if ROUND:
+                y = _round_to_e4m3(y)
+            y8 = y.to(tl.float8e4nv)
+        else:
+            y8 = y
         if KEY_ORDER:  # row 16g + 8a + 2c + j to 16g + 4c + 2a + j: the mask is the same per group of 16
             BLOCK_ROWS: tl.constexpr = y8.shape[0]
             y8 = tl.reshape(tl.permute(tl.reshape(y8, (BLOCK_ROWS // 16, 2, 4, 2, y8.shape[1])), (0, 2, 1, 3, 4)),
@@ -255,12 +262,13 @@ if triton is not None:
         X, M, Out, Descale,
         stride_xb, stride_xh, stride_xn, stride_xd,
         heads, seqlen, n16,
-        ROTATE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr,
+        SCALE: tl.constexpr, ROTATE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr,
         TRANSPOSE: tl.constexpr, KEY_ORDER: tl.constexpr, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
         INV_SQRT_D: tl.constexpr,
     ):
         """One program: BLOCK_ROWS rows of one (batch, head), rotated (ROTATE), scaled by their
-        amax and written as e4m3 with their descale. Grid: (row blocks, batch * heads).
+        amax and written as e4m3 with their descale. Grid: (row blocks, batch * heads). Without
+        SCALE, X's bytes (e4m3 as uint8) are written unchanged, with no descale: a layout copy.
 
         M: the (HEAD_DIM, HEAD_DIM) rotation matrix diag(signs) H (ROTATE only). SPLIT: rotate
         with half of it, as H = [[H', H'], [H', -H']] (H' = H of HEAD_DIM / 2): with x = [a, b]
@@ -304,18 +312,23 @@ if triton is not None:
             # Masked rows are zeros, but may be -0 (a sum of -0 products): the transposed layout's
             # padding must be +0.
             y = tl.where(row_ok, y * INV_SQRT_D, 0.0)
-        else:
+        elif SCALE:
             y = y.to(tl.float32)
-        amax = tl.max(tl.max(tl.abs(y), 1), 0)
+        if SCALE:
+            amax = tl.max(tl.max(tl.abs(y), 1), 0)
+            if SPLIT:
+                amax = tl.maximum(amax, tl.max(tl.max(tl.abs(y_hi), 1), 0))
+            # div_rn: IEEE division, as PyTorch's; Triton's `/` is an approximate one on the GPU.
+            scale = tl.math.div_rn(amax, 448.0)
+            scale = tl.where(scale > 0, scale, 1.0)
+        else:
+            scale = 1.0  # unused: the e4m3 bytes are written as they were read
+        _store_e4m3(out, row0, rows, cols, y, scale, out_rows, SCALE, ROUND, TRANSPOSE, KEY_ORDER, HEAD_DIM)
         if SPLIT:
-            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(y_hi), 1), 0))
-        # div_rn: IEEE division, as PyTorch's; Triton's `/` is an approximate one on the GPU.
-        scale = tl.math.div_rn(amax, 448.0)
-        scale = tl.where(scale > 0, scale, 1.0)
-        _store_e4m3(out, row0, rows, cols, y, scale, out_rows, ROUND, TRANSPOSE, KEY_ORDER, HEAD_DIM)
-        if SPLIT:
-            _store_e4m3(out, row0, rows, WIDTH + cols, y_hi, scale, out_rows, ROUND, TRANSPOSE, KEY_ORDER, HEAD_DIM)
-        tl.store(Descale + pid_bh * tl.num_programs(0) + pid_m, scale)
+            _store_e4m3(out, row0, rows, WIDTH + cols, y_hi, scale, out_rows, SCALE, ROUND, TRANSPOSE, KEY_ORDER,
+                        HEAD_DIM)
+        if SCALE:
+            tl.store(Descale + pid_bh * tl.num_programs(0) + pid_m, scale)
 
 
 def _split(head_dim: int, rotate: bool) -> bool:
@@ -364,8 +377,37 @@ def quantize(x, block_rows: int, signs=None, transpose: bool = False, key_order:
     ieee = interpreted or x.dtype == torch.float32
     matrix = x if signs is None else rotation_matrix(signs, torch.float32 if ieee else x.dtype, x.device)
     quantize_kernel[(blocks, batch * heads)](
-        x, matrix, out, descale, *x.stride(), heads, seqlen, n16,
+        x, matrix, out, descale, *x.stride(), heads, seqlen, n16, SCALE=True,
         ROTATE=signs is not None, SPLIT=_split(head_dim, signs is not None), IEEE=ieee, ROUND=interpreted,
         TRANSPOSE=transpose, KEY_ORDER=key_order, BLOCK_ROWS=block_rows, HEAD_DIM=head_dim, INV_SQRT_D=_inv_sqrt(head_dim),
         num_warps=num_warps or _num_warps(head_dim, block_rows))
     return out, descale
+
+
+def rearrange_v(v8: torch.Tensor) -> torch.Tensor:
+    """An e4m3 V (B, H, N, D), any strides, in the layout the Hopper kernel reads: (B, H, D, N_pad)
+    with N contiguous, keys in `permute_keys`'s order, zero padding, the values unchanged. The
+    same bytes as permute_keys(V^T zero-padded), in one pass of the quantization kernel without
+    its scaling, where PyTorch's strided copies cost about 0.2 ms a call at (4, 16, 4096, 128) on
+    an H100 (the gap between docs/benchmarks.md's two pre-quantized columns); not yet timed."""
+    if v8.dim() != 4 or v8.dtype != FP8:
+        raise ValueError(f"v: expected a (B, H, N, D) float8_e4m3fn tensor, got {v8.dtype} of shape {tuple(v8.shape)}")
+    batch, heads, seqlen, head_dim = v8.shape
+    if not _power_of_two(head_dim) or head_dim < PAD:
+        raise ValueError(f"v: head dim must be a power of two >= {PAD}, got shape {tuple(v8.shape)}")
+    n16 = _padded(seqlen) // PAD
+    if triton is None or (v8.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"):
+        out = torch.zeros(batch, heads, head_dim, n16 * PAD, dtype=FP8, device=v8.device)
+        out[..., :seqlen] = v8.transpose(2, 3)  # no kernel to run here: the same bytes from PyTorch
+        return permute_keys(out)
+    out = torch.empty(batch, heads, head_dim, n16 * PAD, dtype=FP8, device=v8.device)  # padding included
+    block_rows = 128
+    blocks = triton.cdiv(seqlen, block_rows)
+    if blocks == 0 or batch * heads == 0:
+        return out
+    raw, raw_out = v8.view(torch.uint8), out.view(torch.uint8)  # bytes: no float8 type needed on any GPU
+    quantize_kernel[(blocks, batch * heads)](
+        raw, raw, raw_out, raw_out, *v8.stride(), heads, seqlen, n16,
+        SCALE=False, ROTATE=False, SPLIT=False, IEEE=False, ROUND=False, TRANSPOSE=True, KEY_ORDER=True,
+        BLOCK_ROWS=block_rows, HEAD_DIM=head_dim, INV_SQRT_D=1.0, num_warps=_num_warps(head_dim, block_rows))
+    return out
