@@ -187,7 +187,7 @@ def _disassemble(cubin: bytes) -> str:
 
 def sass() -> int:
     """The SASS of the kernels that run pre-quantized D = 128 calls: the Gluon one (`hopper.py`)
-    and the portable one (`kernel.py`, D = 256 and the fallback)."""
+    and the portable one (`kernel.py`, the fallback)."""
     import re
 
     from flashdispatch.backends import fp8_hopper

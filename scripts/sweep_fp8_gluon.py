@@ -43,7 +43,8 @@ def main() -> None:
         for hopper.STAGES, hopper.FMA_SHARE in settings:
             name = f"gluon[{hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE}]"
             if hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem) is None:
-                rates.append(f"{name} fails ({hopper._failure.splitlines()[0]})")
+                why = hopper._failure or "TMA cannot address the tensors"
+                rates.append(f"{name} fails ({why.splitlines()[0]})")
                 hopper._failure = None
                 continue
             seconds = median_time(lambda: hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem), "cuda",

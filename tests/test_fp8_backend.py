@@ -168,6 +168,15 @@ def test_attention_reads_a_kernel_layout_v_as_a_plain_tensor_it_marks(monkeypatc
         fp8_hopper._kernel_layout_v(plain, problem)
 
 
+def test_refuses_more_batch_x_heads_than_a_grid_axis_takes():
+    from flashdispatch.dispatcher.capabilities import capabilities
+
+    many_heads = torch.empty(2, 40000, 1, 64, dtype=FP8, device="meta")
+    problem = build_problem(many_heads, many_heads, many_heads)
+    reasons = REGISTRY.get("fp8-hopper").extra_reasons(problem, capabilities(torch.device("cpu")))
+    assert "batch x query heads = 80000: at most 65535 (the kernels' second grid axis)" in reasons
+
+
 def test_the_gluon_kernel_takes_every_head_dim_the_backend_does():
     pytest.importorskip("triton.experimental.gluon")
     from flashdispatch.backends.fp8_hopper import HEAD_DIMS, hopper

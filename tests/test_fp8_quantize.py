@@ -13,6 +13,7 @@ point).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import subprocess
@@ -314,26 +315,46 @@ def test_kernel_writes_v_in_the_hopper_kernels_key_order(seqlen):
         quantize(x, 128, None, key_order=True)
 
 
+def _hopper_layout(v8: torch.Tensor) -> torch.Tensor:
+    """The Hopper kernel's V layout spelled out key by key: (B, H, D, N_pad) uint8, column 16g +
+    4c + 2a + j holding key 16g + 8a + 2c + j, columns past N zero."""
+    batch, heads, seqlen, head_dim = v8.shape
+    n_pad = -(-seqlen // 16) * 16
+    out = torch.zeros(batch, heads, head_dim, n_pad, dtype=torch.uint8)
+    raw = v8.cpu().view(torch.uint8)
+    for g in range(n_pad // 16):
+        for c, a, j in itertools.product(range(4), range(2), range(2)):
+            key = 16 * g + 8 * a + 2 * c + j
+            if key < seqlen:
+                out[..., 16 * g + 4 * c + 2 * a + j] = raw[:, :, key, :]
+    return out
+
+
 @needs_kernel
 @pytest.mark.parametrize("interpret", [True, False])
 def test_rearrange_v_copies_e4m3_bytes_into_the_hopper_kernels_layout(monkeypatch, interpret):
-    # The kernel's copy mode (no scaling) and, on a CPU without the interpreter, PyTorch's copies:
-    # the same bytes as the transposed, zero-padded V in `permute_keys`'s order, NaN bytes included.
+    # The kernel's copy mode (no scaling) and, on a CPU without the interpreter, PyTorch's copies,
+    # against the layout spelled out key by key: NaN bytes kept, padding written as zeros even
+    # into memory that was not.
     if DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
     elif not interpret:
         pytest.skip("the PyTorch path is the CPU's without the interpreter")
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: empty(*args, **kwargs).fill_(0x5A)
+                        if kwargs.get("dtype") in (FP8, torch.uint8) else empty(*args, **kwargs))
     g = torch.Generator().manual_seed(3)
-    for batch, heads, seqlen, head_dim in ((2, 3, 37, 64), (1, 2, 300, 128), (1, 1, 16, 256), (2, 2, 1, 64)):
-        bshd = (torch.randn(batch, seqlen, heads, head_dim, generator=g) * 3).to(FP8)
-        bshd.view(torch.uint8)[:, 0, :, 1] = 0xFF  # a NaN in every head
-        v8 = bshd.transpose(1, 2).to(DEVICE)  # (B, H, N, D) over bshd memory
-        padded = torch.zeros(batch, heads, head_dim, -(-seqlen // 16) * 16, dtype=FP8)
-        padded[..., :seqlen] = bshd.transpose(1, 2).transpose(2, 3)
-        got = rearrange_v(v8)
-        assert got.shape == padded.shape and got.stride(3) == 1, (seqlen, head_dim)
-        assert torch.equal(got.cpu().view(torch.uint8), permute_keys(padded).view(torch.uint8)), (seqlen, head_dim)
+    bshd = (torch.randn(2, 37, 3, 64, generator=g) * 3).to(FP8)
+    bshd.view(torch.uint8)[:, 0, :, 1] = 0xFF  # a NaN in every head
+    d_strided = (torch.randn(1, 2, 128, 300, generator=g) * 3).to(FP8).transpose(2, 3)  # D not contiguous
+    expanded = (torch.randn(2, 1, 16, 256, generator=g) * 3).to(FP8).expand(2, 3, 16, 256)  # head stride 0
+    for name, v8 in (("bshd", bshd.transpose(1, 2)), ("D strided", d_strided), ("expanded", expanded),
+                     ("one key", bshd[:, :1].transpose(1, 2)), ("contiguous", bshd.transpose(1, 2).contiguous())):
+        got = rearrange_v(v8.to(DEVICE))
+        assert got.dtype == FP8 and got.stride(3) == 1, name
+        assert torch.equal(got.cpu().view(torch.uint8), _hopper_layout(v8)), name
     assert rearrange_v(torch.empty(1, 2, 0, 64, dtype=FP8, device=DEVICE)).shape == (1, 2, 64, 0)
+    assert rearrange_v(torch.empty(1, 2, 40, 64, dtype=FP8, device="meta")).shape == (1, 2, 64, 48)
     with pytest.raises(ValueError, match="v: expected a \\(B, H, N, D\\) float8_e4m3fn tensor"):
         rearrange_v(torch.randn(1, 2, 8, 64, device=DEVICE))
     with pytest.raises(ValueError, match="v: head dim must be a power of two >= 16"):

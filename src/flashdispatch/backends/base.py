@@ -15,6 +15,8 @@ import torch
 from ..dispatcher.capabilities import Capabilities
 from ..dispatcher.problem import Problem
 
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second (and third) axis, where kernels put batch x heads
+
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")

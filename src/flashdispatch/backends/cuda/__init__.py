@@ -28,7 +28,7 @@ import torch
 
 from ...dispatcher.capabilities import Capabilities, capabilities
 from ...dispatcher.problem import Problem
-from ..base import Backend, Support
+from ..base import MAX_GRID_Y, Backend, Support
 
 SUPPORT = Support(
     dtypes=(torch.float16, torch.bfloat16),
@@ -44,7 +44,6 @@ SUPPORT = Support(
 )
 
 KERNELS = Path(__file__).parent / "kernels"
-MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
 FORWARD_WARPS = 4
 FORWARD_M_TILES = 2  # 16-row tiles per warp: 128 query rows per block
 FORWARD_BLOCK_N = 64  # keys per shared-memory tile

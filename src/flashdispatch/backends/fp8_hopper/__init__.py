@@ -27,7 +27,7 @@ import torch
 
 from ...dispatcher.capabilities import Capabilities
 from ...dispatcher.problem import FP8_DTYPE, Problem
-from ..base import Backend, Support, from_bhsd, to_bhsd
+from ..base import MAX_GRID_Y, Backend, Support, from_bhsd, to_bhsd
 from .quantize import permute_keys, rearrange_v
 
 SUPPORT = Support(
@@ -124,6 +124,9 @@ class Fp8HopperBackend(Backend):
             reasons.append("bfloat16 inputs are wrong in Triton's CPU interpreter (3.4-3.9); float16 and float8 work")
         if problem.head_dim not in HEAD_DIMS:
             reasons.append(f"head_dim {problem.head_dim} not supported (supports {', '.join(map(str, HEAD_DIMS))})")
+        if problem.batch * problem.heads_q > MAX_GRID_Y:
+            reasons.append(f"batch x query heads = {problem.batch * problem.heads_q}: at most {MAX_GRID_Y} "
+                           f"(the kernels' second grid axis)")
         return reasons
 
     def notes(self, problem: Problem, caps: Capabilities) -> list[str]:
@@ -212,7 +215,8 @@ def to_kernel_layout(v: torch.Tensor) -> torch.Tensor:
     with each 16-key group in the order the Hopper kernel multiplies P by V in. Pass it, as
     returned, as `v` to attention() (layout="bhsd") with the same descales: each call then skips
     the rearrangement of V (a V that stays fixed over calls: a prompt's cache, a benchmark). It is
-    read-only: rearrange again after changing V. Other V tensors are rearranged in each call."""
+    read-only: rearrange again after changing V. Other V tensors are rearranged in each call
+    (`quantize.rearrange_v`, which also checks v: e4m3, 4-d, a power-of-two head dim of 16 or more)."""
     view = rearrange_v(v).transpose(2, 3)[:, :, :v.shape[2]].as_subclass(KernelLayoutV)
     view._made = _identity(view)
     return view

@@ -37,7 +37,7 @@ rotation is the fast Walsh-Hadamard transform (log2(D) butterfly stages) in floa
 to float32, so it is the exact x R up to that rounding. `quantize` computes the same thing in one
 fused Triton kernel, one pass over the input, with the rotation as a matmul: x @ M, M = S H built
 on the host (entries +-1, so the products are exact in float16/bfloat16), accumulated in float32,
-times 1 / sqrt(D); for D > 128 as two dots of half the width and one butterfly stage. 16-bit
+times 1 / sqrt(D); from D = 128 on as two dots of half the width and one butterfly stage. 16-bit
 inputs go through the tensor cores; float32 inputs, and everything in Triton's CPU interpreter,
 through IEEE float32 dots. The kernel's sums are rounded to float32 as they go, in the order of
 its dots, so a rotated y, and with it the descale, can differ from the reference's by a few
@@ -54,6 +54,8 @@ import math
 import os
 
 import torch
+
+from ..base import MAX_GRID_Y
 
 try:
     import triton
@@ -353,7 +355,7 @@ def quantize(x, block_rows: int, signs=None, transpose: bool = False, key_order:
     docstring: a few ulps in the descales, rarely an e4m3 value one step off).
 
     Each program loads a (block_rows, D) tile of one (batch, head) through x's strides, rotates it
-    by a `tl.dot` with `rotation_matrix(signs)` (two of half the width for D > 128), takes the
+    by a `tl.dot` with `rotation_matrix(signs)` (two of half the width for D >= 128), takes the
     tile's amax and writes the e4m3 tile, transposed when asked, and its descale. Grid: (ceil(N /
     block_rows), B * H). Ragged last blocks are masked: their missing rows count as zeros for the
     amax and are not written (except as the zero padding of the transposed layout). key_order:
@@ -384,30 +386,34 @@ def quantize(x, block_rows: int, signs=None, transpose: bool = False, key_order:
     return out, descale
 
 
-def rearrange_v(v8: torch.Tensor) -> torch.Tensor:
+def rearrange_v(v: torch.Tensor) -> torch.Tensor:
     """An e4m3 V (B, H, N, D), any strides, in the layout the Hopper kernel reads: (B, H, D, N_pad)
     with N contiguous, keys in `permute_keys`'s order, zero padding, the values unchanged. The
     same bytes as permute_keys(V^T zero-padded), in one pass of the quantization kernel without
     its scaling, where PyTorch's strided copies cost about 0.2 ms a call at (4, 16, 4096, 128) on
-    an H100 (the gap between docs/benchmarks.md's two pre-quantized columns); not yet timed."""
-    if v8.dim() != 4 or v8.dtype != FP8:
-        raise ValueError(f"v: expected a (B, H, N, D) float8_e4m3fn tensor, got {v8.dtype} of shape {tuple(v8.shape)}")
-    batch, heads, seqlen, head_dim = v8.shape
+    an H100 (the gap between docs/benchmarks.md's two pre-quantized columns); not yet timed.
+    PyTorch's copies still do it where the kernel cannot run: other devices, the CPU outside
+    Triton's interpreter, more than MAX_GRID_Y (batch, head) pairs."""
+    if v.dim() != 4 or v.dtype != FP8:
+        raise ValueError(f"v: expected a (B, H, N, D) float8_e4m3fn tensor, got {v.dtype} of shape {tuple(v.shape)}")
+    batch, heads, seqlen, head_dim = v.shape
     if not _power_of_two(head_dim) or head_dim < PAD:
-        raise ValueError(f"v: head dim must be a power of two >= {PAD}, got shape {tuple(v8.shape)}")
+        raise ValueError(f"v: head dim must be a power of two >= {PAD}, got shape {tuple(v.shape)}")
     n16 = _padded(seqlen) // PAD
-    if triton is None or (v8.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"):
-        out = torch.zeros(batch, heads, head_dim, n16 * PAD, dtype=FP8, device=v8.device)
-        out[..., :seqlen] = v8.transpose(2, 3)  # no kernel to run here: the same bytes from PyTorch
+    kernel_runs = triton is not None and batch * heads <= MAX_GRID_Y and (
+        v.is_cuda or (v.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"))
+    if not kernel_runs:
+        out = torch.zeros(batch, heads, head_dim, n16 * PAD, dtype=FP8, device=v.device)
+        out[..., :seqlen] = v.transpose(2, 3)
         return permute_keys(out)
-    out = torch.empty(batch, heads, head_dim, n16 * PAD, dtype=FP8, device=v8.device)  # padding included
+    out = torch.empty(batch, heads, head_dim, n16 * PAD, dtype=FP8, device=v.device)  # padding included
     block_rows = 128
     blocks = triton.cdiv(seqlen, block_rows)
     if blocks == 0 or batch * heads == 0:
         return out
-    raw, raw_out = v8.view(torch.uint8), out.view(torch.uint8)  # bytes: no float8 type needed on any GPU
+    raw, raw_out = v.view(torch.uint8), out.view(torch.uint8)  # bytes: no float8 type needed on any GPU
     quantize_kernel[(blocks, batch * heads)](
-        raw, raw, raw_out, raw_out, *v8.stride(), heads, seqlen, n16,
+        raw, raw, raw_out, raw_out, *v.stride(), heads, seqlen, n16,
         SCALE=False, ROTATE=False, SPLIT=False, IEEE=False, ROUND=False, TRANSPOSE=True, KEY_ORDER=True,
         BLOCK_ROWS=block_rows, HEAD_DIM=head_dim, INV_SQRT_D=1.0, num_warps=_num_warps(head_dim, block_rows))
     return out

@@ -35,7 +35,7 @@ import torch
 
 from ...dispatcher.capabilities import Capabilities, capabilities
 from ...dispatcher.problem import Problem
-from ..base import Backend, Support
+from ..base import MAX_GRID_Y, Backend, Support
 from .configs import TUNER, Config, candidates, hopper_reasons
 from .launcher import Launcher
 
@@ -54,7 +54,6 @@ SUPPORT = Support(
     deterministic_backward=True,
 )
 
-MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, where the kernels put batch x heads
 DECODE_MAX_QUERIES = 16  # forward problems up to this many queries take the decoding path
 # Split-KV decoding: enough programs for this many per SM, each with at least this many key blocks.
 DECODE_PROGRAMS_PER_SM = 4
