@@ -1,6 +1,6 @@
-"""Experiment (branch wip/fp8-two-tiles, not the shipped kernel): the Gluon FP8 forward at D = 128
-with 192-key steps, each step two score tiles (128 + 64 keys), beside `hopper.py`'s 128-key
-steps, on pre-quantized e4m3 inputs with unit descales.
+"""Experiment (branch wip/fp8-two-tiles, not the shipped kernel): the Gluon FP8 forward (D = 128 by
+default, --head-dim) with longer steps, each two score tiles (128 + 64 or 128 + 128 keys), beside
+`hopper.py`'s 128-key steps, on pre-quantized e4m3 inputs with unit descales.
 
 Why: at D = 256 the kernel ran 13-27 % faster with 128-key steps than with 64 (docs/notes/fp8.md,
 evening session): the per-step work (O's rescale, the cross-lane reductions, barriers, waits) is
@@ -286,17 +286,17 @@ def forward(q8, k8, vt8, scale, causal, config):
     return out, lse
 
 
-def compile_only(configs) -> None:
+def compile_only(configs, d) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     fn = two_tile_forward
     for (tile_a, tile_b, stages), causal in ((config, causal) for config in configs for causal in (False, True)):
-        q = torch.empty(2, 4, 1024, 128, dtype=torch.float8_e4m3fn)
-        vt = torch.empty(2, 4, 128, 1024, dtype=torch.float8_e4m3fn)
+        q = torch.empty(2, 4, 1024, d, dtype=torch.float8_e4m3fn)
+        vt = torch.empty(2, 4, d, 1024, dtype=torch.float8_e4m3fn)
         descs = dict(zip(("q_desc", "ka_desc", "kb_desc", "va_desc", "vb_desc"), _descriptors(q, q, vt, tile_a, tile_b)))
-        constexprs = dict(CAUSAL=causal, HEAD_DIM=128, BLOCK_M=hopper.BLOCK_M, TILE_A=tile_a, TILE_B=tile_b,
+        constexprs = dict(CAUSAL=causal, HEAD_DIM=d, BLOCK_M=hopper.BLOCK_M, TILE_A=tile_a, TILE_B=tile_b,
                           STAGES=stages, FMA_SHARE=FMA_SHARE)
         types = {"Out": "*bf16", "Lse": "*fp32", "qk_scale": "fp32", **{n: mangle_type(x) for n, x in descs.items()}}
         signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
@@ -308,11 +308,11 @@ def compile_only(configs) -> None:
             done = subprocess.run(["ptxas", "-arch=sm_90a", "-v", f"{tmp}/k.ptx", "-o", f"{tmp}/k.cubin"],
                                   capture_output=True, text=True)
         notes = [line for line in done.stderr.splitlines() if "spill" in line or "Used" in line or "warning" in line]
-        print(f"two-tiles compile: {tile_a}+{tile_b} keys, {stages} stages, causal={causal}: shared "
+        print(f"two-tiles compile: D={d} {tile_a}+{tile_b} keys, {stages} stages, causal={causal}: shared "
               f"{k.metadata.shared} B; " + "; ".join(notes), flush=True)
 
 
-def check_and_time(configs) -> None:
+def check_and_time(configs, d) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention
 
@@ -322,31 +322,31 @@ def check_and_time(configs) -> None:
 
     fp8 = torch.float8_e4m3fn
     for b, h, n, causal in ((1, 4, 1000, False), (2, 4, 1337, True), (1, 2, 200, True)):  # ragged ends, causal
-        q8, k8, v8 = (torch.randn(b, h, n, 128, device="cuda").to(fp8) for _ in range(3))
+        q8, k8, v8 = (torch.randn(b, h, n, d, device="cuda").to(fp8) for _ in range(3))
         q, k, v = (t.double() for t in (q8, k8, v8))
         ref = scaled_dot_product_attention(q, k, v, is_causal=causal)
         ones = torch.ones(b, h, device="cuda")
         problem = build_problem(q8, k8, v8, causal=causal, descales=(ones, ones, ones))
         vt = rearrange_v(v8)
         errors = []
-        runs = [(f"{c[0]}+{c[1]}/{c[2]}", lambda c=c: forward(q8, k8, vt, 128 ** -0.5, causal, c)[0]) for c in configs]
+        runs = [(f"{c[0]}+{c[1]}/{c[2]}", lambda c=c: forward(q8, k8, vt, d ** -0.5, causal, c)[0]) for c in configs]
         runs.append(("shipped", lambda: hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem)[0]))
         for name, run in runs:
             out = run().double()
             errors.append(f"{name} rel err {((out - ref).norm() / ref.norm()).item():.2e} "
                           f"finite {torch.isfinite(out).all().item()}")
-        print(f"two-tiles check: B={b} H={h} N={n} causal={causal}: " + ", ".join(errors), flush=True)
+        print(f"two-tiles check: D={d} B={b} H={h} N={n} causal={causal}: " + ", ".join(errors), flush=True)
     for n in (4096, 16384):
         for causal in (False, True):
-            b, h = 16384 // n, 16
-            q, k, v = (torch.randn(b, h, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            b, h = 16384 // n, 2048 // d
+            q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             q8, k8, v8 = (t.to(fp8) for t in (q, k, v))
             ones = torch.ones(b, h, device="cuda")
             problem = build_problem(q8, k8, v8, causal=causal, descales=(ones, ones, ones))
             vt = rearrange_v(v8)
-            flops = 4 * b * h * n * n * 128 / (2 if causal else 1)
+            flops = 4 * b * h * n * n * d / (2 if causal else 1)
             rates = []
-            runs = [(f"{c[0]}+{c[1]} keys/{c[2]} stages", lambda c=c: forward(q8, k8, vt, 128 ** -0.5, causal, c))
+            runs = [(f"{c[0]}+{c[1]} keys/{c[2]} stages", lambda c=c: forward(q8, k8, vt, d ** -0.5, causal, c))
                     for c in configs]
             runs.append(("shipped", lambda: hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem)))
             for name, run in runs:
@@ -355,13 +355,14 @@ def check_and_time(configs) -> None:
                 seconds = median_time(lambda: scaled_dot_product_attention(q, k, v, is_causal=causal), "cuda",
                                       warm_seconds=0.2)
             rates.append(f"cudnn bf16 {flops / seconds / 1e12:.0f}")
-            print(f"two-tiles speed: D=128 N={n} causal={causal}: " + ", ".join(rates) + " TFLOP/s", flush=True)
+            print(f"two-tiles speed: D={d} N={n} causal={causal}: " + ", ".join(rates) + " TFLOP/s", flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--configs", default=CONFIGS, help="tile A keys:tile B keys:stages, comma-separated")
+    parser.add_argument("--head-dim", type=int, default=128)
     args = parser.parse_args()
     configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
-    compile_only(configs) if args.compile_only else check_and_time(configs)
+    (compile_only if args.compile_only else check_and_time)(configs, args.head_dim)
