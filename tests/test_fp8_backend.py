@@ -418,3 +418,21 @@ def test_explain_shows_the_fp8_forward_and_why_no_backward(monkeypatch):
     assert report.forward == "fp8-hopper" and report.backward is None
     assert "no backward pass (forward only)" in report.error
     assert any("FP8 matmuls" in note for note in report.notes["fp8-hopper"])
+    assert ("kernel: the portable Triton one (kernel.py), slower: the Gluon one does not take this: it runs on "
+            "CUDA GPUs only, not in Triton's interpreter") in report.notes["fp8-hopper"]
+
+
+def test_the_kernel_note_names_the_gluon_kernel_or_why_not(monkeypatch):
+    pytest.importorskip("triton.experimental.gluon")
+    import dataclasses
+
+    from flashdispatch.backends import fp8_hopper
+
+    monkeypatch.setattr(fp8_hopper, "_interpreting", lambda: False)
+    (q8, k8, v8), descales = _fp8_inputs(d=128)
+    on_gpu = dataclasses.replace(build_problem(q8, k8, v8, descales=descales), device_type="cuda")
+    assert fp8_hopper._kernel_note(on_gpu).startswith("kernel: the warp-specialized Gluon one (hopper.py)")
+    negative = dataclasses.replace(on_gpu, scale=-0.5)
+    assert fp8_hopper._kernel_note(negative) == ("kernel: the portable Triton one (kernel.py), slower: the Gluon one "
+                                                 "does not take this: positive scales only (the row max is taken "
+                                                 "before scaling)")

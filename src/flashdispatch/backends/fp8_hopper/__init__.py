@@ -56,15 +56,28 @@ def tiles(head_dim: int, causal: bool) -> tuple[int, int, int, int]:
     return (64 if causal else 128), 128, 4, 3
 
 
-def _warp_specialized(problem: Problem) -> bool:
-    """Whether the Gluon kernel (`hopper.py`) runs this problem; else the portable one."""
+def _gluon_reasons(problem: Problem) -> list[str]:
+    """Why the Gluon kernel (`hopper.py`) does not take this problem (empty: it does)."""
     if problem.device_type != "cuda" or _interpreting():
-        return False
+        return ["it runs on CUDA GPUs only, not in Triton's interpreter"]
     try:
         from . import hopper
-    except Exception:  # noqa: BLE001 - Gluon is experimental: a Triton without it runs kernel.py
-        return False
-    return not hopper.problem_reasons(problem)
+    except Exception as exc:  # noqa: BLE001 - Gluon is experimental: a Triton without it runs kernel.py
+        return [f"this Triton has no Gluon for it ({type(exc).__name__}: {exc})"[:200]]
+    return hopper.problem_reasons(problem)
+
+
+def _warp_specialized(problem: Problem) -> bool:
+    """Whether the Gluon kernel (`hopper.py`) runs this problem; else the portable one."""
+    return not _gluon_reasons(problem)
+
+
+def _kernel_note(problem: Problem) -> str:
+    reasons = _gluon_reasons(problem)
+    if not reasons:
+        return ("kernel: the warp-specialized Gluon one (hopper.py), or the portable one where TMA cannot address "
+                "the tensors (a base or stride not a multiple of 16 bytes)")
+    return f"kernel: the portable Triton one (kernel.py), slower: the Gluon one does not take this: {'; '.join(reasons)}"
 
 
 def quantization_blocks(problem: Problem) -> tuple[int, int]:
@@ -141,7 +154,7 @@ class Fp8HopperBackend(Backend):
             rows, keys = quantization_blocks(problem)
             how = f"quantized to float8_e4m3fn with one scale per {rows} query rows and per {keys} keys per head; {rotation}"
         return [f"FP8 matmuls (precision='fp8' was asked for: not exact, FP8 rounds Q, K, V and P to 3 mantissa bits); "
-                f"{how}", "forward only: no FP8 backward"]
+                f"{how}", _kernel_note(problem), "forward only: no FP8 backward"]
 
     def forward(self, q, k, v, problem, cu_seqlens_q=None, cu_seqlens_k=None, descales=(None, None, None)):
         v_in_kernel_layout = _kernel_layout_v(v, problem)
