@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# One device call for the branch wip/fp8-two-tiles: main's recorded FP8 check first (this branch is
-# main plus the experiment), then the two-tile experiment beside the shipped kernel and cuDNN.
-# Logs to $OUT; about 9 minutes on an H100 (D = 128, then D = 64 with 192- and 256-key steps).
+# One device call for the branch wip/fp8-two-tiles (main plus the experiment), about 7 minutes on
+# an H100 (timeouts add up to 10): the two-tile experiment beside the shipped kernel and cuDNN at
+# D = 128; the checks of main's last changes not yet run on a GPU (`rearrange_v` through the FP8
+# rule's pre-quantized and kernel-layout ways, the quantization bench's byte check); then the
+# experiment at D = 64. Logs to $OUT.
 source "$(dirname "$0")/gpu_common.sh"
-bash "$(dirname "$0")/gpu_fp8_check.sh"
-PYTHONPATH=src:scripts timeout 200 python3 scripts/exp_fp8_two_tiles.py 2>&1 | grep "^two-tiles\|Error" \
+start=$(date +%s)
+PYTHONPATH=src:scripts timeout 240 python3 scripts/exp_fp8_two_tiles.py 2>&1 | grep "^two-tiles\|Error" \
     | tee "$out/fp8_two_tiles.log"
-PYTHONPATH=src:scripts timeout 100 python3 scripts/exp_fp8_two_tiles.py --head-dim 64 --configs 128:64:2,128:128:2 2>&1 \
-    | grep "^two-tiles\|Error" | tee "$out/fp8_two_tiles_d64.log"
+timeout 100 python3 scripts/check_fp8_gpu.py --part exact 2>&1 | tee "$out/fp8_exact.log" | grep -v "^exact: ok" | tail -n 30
+timeout 90 python3 scripts/bench_fp8_quantize.py --warps 8 2>&1 | grep "check\|rotated\|transposed\|e4m3 V" \
+    | tee "$out/fp8_quantize.log"
+PYTHONPATH=src:scripts timeout 140 python3 scripts/exp_fp8_two_tiles.py --head-dim 64 \
+    --configs 128:64:2,128:128:2,128:128:2:sum 2>&1 | grep "^two-tiles\|Error" | tee "$out/fp8_two_tiles_d64.log"
+echo "total: $(( $(date +%s) - start )) s"
