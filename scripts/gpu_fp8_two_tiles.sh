@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# One device call for the branch wip/fp8-two-tiles (main plus the experiment), about 7 minutes on
-# an H100 (timeouts add up to 10): the two-tile experiment beside the shipped kernel and cuDNN at
-# D = 128; the checks of main's last changes not yet run on a GPU (`rearrange_v` through the FP8
-# rule's pre-quantized and kernel-layout ways, the quantization bench's byte check); then the
+# One device call for the branch wip/fp8-two-tiles (main plus the experiments), about 8 minutes on
+# an H100 (the timeouts add up to 9.7): the two-tile experiment beside the shipped kernel and cuDNN
+# at D = 128; the shipped kernel with and without its row sums on the tensor cores (hopper.SUM_MMA);
+# the checks of main's last changes not yet run on a GPU (`rearrange_v` through the FP8 rule's
+# pre-quantized and kernel-layout ways, the quantization bench's byte check); then the two-tile
 # experiment at D = 64. Logs to $OUT.
 source "$(dirname "$0")/gpu_common.sh"
 start=$(date +%s)
-PYTHONPATH=src:scripts timeout 240 python3 scripts/exp_fp8_two_tiles.py 2>&1 | grep "^two-tiles\|Error" \
+PYTHONPATH=src:scripts timeout 200 python3 scripts/exp_fp8_two_tiles.py 2>&1 | grep "^two-tiles\|Error" \
     | tee "$out/fp8_two_tiles.log"
+PYTHONPATH=src:scripts timeout 100 python3 scripts/sweep_fp8_gluon.py --head-dims 128 --sum-mma 0,1 2>&1 \
+    | grep "^sweep\|Error" | tee "$out/fp8_sweep_sum.log"
 timeout 100 python3 scripts/check_fp8_gpu.py --part exact 2>&1 | tee "$out/fp8_exact.log" | grep -v "^exact: ok" | tail -n 30
-timeout 90 python3 scripts/bench_fp8_quantize.py --warps 8 2>&1 | grep "check\|rotated\|transposed\|e4m3 V" \
+timeout 70 python3 scripts/bench_fp8_quantize.py --warps 8 2>&1 | grep "check\|rotated\|transposed\|e4m3 V" \
     | tee "$out/fp8_quantize.log"
-PYTHONPATH=src:scripts timeout 140 python3 scripts/exp_fp8_two_tiles.py --head-dim 64 \
+PYTHONPATH=src:scripts timeout 110 python3 scripts/exp_fp8_two_tiles.py --head-dim 64 \
     --configs 128:64:2,128:128:2,128:128:2:sum 2>&1 | grep "^two-tiles\|Error" | tee "$out/fp8_two_tiles_d64.log"
 echo "total: $(( $(date +%s) - start )) s"

@@ -1,6 +1,6 @@
 """The Gluon FP8 forward on pre-arranged e4m3 inputs (H100/H200):
-TFLOP/s of `fp8_hopper.hopper.forward` at each pair of --stages and --fma-shares (the kernel's
-settings; a setting the kernel cannot launch, too much shared memory, says so), beside the portable Triton kernel
+TFLOP/s of `fp8_hopper.hopper.forward` at each combination of --stages, --fma-shares and
+--sum-mma (the kernel's settings; a setting the kernel cannot launch, too much shared memory, says so), beside the portable Triton kernel
 through attention() on the same inputs and cuDNN's bf16. Run from the repository root with
 PYTHONPATH=src:scripts; one line per case starting with `sweep:`."""
 
@@ -23,14 +23,25 @@ FP8 = torch.float8_e4m3fn
 WARM_SECONDS = 0.2  # `median_time`: each setting's runs start at a settled clock
 
 
+def _difference(result, baseline) -> str:
+    """How far (out, lse) is from the first setting's: the outputs' relative difference, the LSEs'
+    largest."""
+    (out, lse), (out0, lse0) = result, baseline
+    relative = ((out.float() - out0.float()).norm() / out0.float().norm()).item()
+    return f"out differs by {relative:.1e}, lse by {(lse - lse0).abs().max().item():.1e}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fma-shares", default=str(hopper.FMA_SHARE),
                         help="comma-separated hopper.FMA_SHARE values to time the Gluon kernel at")
     parser.add_argument("--stages", default=str(hopper.STAGES), help="comma-separated hopper.STAGES values")
+    parser.add_argument("--sum-mma", default=str(int(hopper.SUM_MMA)),
+                        help="comma-separated hopper.SUM_MMA values (0 or 1: the row sums on the tensor cores)")
     parser.add_argument("--head-dims", default="128,64")
     args = parser.parse_args()
-    settings = list(itertools.product(*([int(x) for x in arg.split(",")] for arg in (args.stages, args.fma_shares))))
+    settings = list(itertools.product(*([int(x) for x in arg.split(",")]
+                                        for arg in (args.stages, args.fma_shares, args.sum_mma))))
     head_dims = tuple(int(x) for x in args.head_dims.split(","))
     for d, n, causal, q, k, v, flops in prefill_cases(head_dims=head_dims, lengths=(4096, 16384)):
         q8, k8, v8 = (t.to(FP8) for t in (q, k, v))
@@ -39,18 +50,21 @@ def main() -> None:
         vt = to_kernel_layout(v8).transpose(2, 3)
         vt = vt.as_strided((*vt.shape[:3], -(-n // 16) * 16), vt.stride())
         rates = []
-        defaults = hopper.STAGES, hopper.FMA_SHARE
-        for hopper.STAGES, hopper.FMA_SHARE in settings:
-            name = f"gluon[{hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE}]"
-            if hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem) is None:
+        baseline = None  # the first setting's (out, lse): a sanity check of the others
+        defaults = hopper.STAGES, hopper.FMA_SHARE, hopper.SUM_MMA
+        for hopper.STAGES, hopper.FMA_SHARE, hopper.SUM_MMA in settings:
+            name = f"gluon[{hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE}{', sums on TC' if hopper.SUM_MMA else ''}]"
+            result = hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem)
+            if result is None:
                 why = hopper._failure or "TMA cannot address the tensors"
                 rates.append(f"{name} fails ({why.splitlines()[0]})")
                 hopper._failure = None
                 continue
             seconds = median_time(lambda: hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem), "cuda",
                                   warm_seconds=WARM_SECONDS)
-            rates.append(f"{name} {flops / seconds / 1e12:.0f}")
-        hopper.STAGES, hopper.FMA_SHARE = defaults
+            baseline = baseline or result
+            rates.append(f"{name} {flops / seconds / 1e12:.0f} ({_difference(result, baseline)})")
+        hopper.STAGES, hopper.FMA_SHARE, hopper.SUM_MMA = defaults
         hopper._failure = "sweep: the portable kernel"
         seconds = median_time(lambda: attention(q8, k8, v8.transpose(2, 3).contiguous().transpose(2, 3), causal=causal,
                                                 q_descale=ones, k_descale=ones, v_descale=ones), "cuda", warm_seconds=WARM_SECONDS)

@@ -372,14 +372,14 @@ from triton.runtime.jit import mangle_type
 from flashdispatch.backends.fp8_hopper import hopper
 
 fn = hopper.fp8_hopper_forward
-for head_dim, causal in ((128, False), (64, True), (256, True)):
+for head_dim, causal, sum_mma in ((128, False, False), (64, True, False), (256, True, False), (128, True, True)):
     q = torch.empty(2, 4, 256, head_dim, dtype=torch.float8_e4m3fn)
     vt = torch.empty(2, 4, head_dim, 256, dtype=torch.float8_e4m3fn)
     descs = {"q_desc": hopper._descriptor(q, [1, 1, hopper.BLOCK_M, head_dim]),
              "k_desc": hopper._descriptor(q, [1, 1, hopper.BLOCK_N, head_dim]),
              "vt_desc": hopper._descriptor(vt, [1, 1, head_dim, hopper.BLOCK_N])}
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper.BLOCK_M, BLOCK_N=hopper.BLOCK_N,
-                      STAGES=hopper.STAGES, FMA_SHARE=hopper.FMA_SHARE)
+                      STAGES=hopper.STAGES, FMA_SHARE=hopper.FMA_SHARE, SUM_MMA=sum_mma)
     types = {"Out": "*bf16", "Lse": "*fp32", "QDescale": "*fp32", "KDescale": "*fp32", "VDescale": "*fp32",
              "scale_log2": "fp32", **{name: mangle_type(d) for name, d in descs.items()}}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
@@ -387,10 +387,12 @@ for head_dim, causal in ((128, False), (64, True), (256, True)):
                          constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=hopper.NUM_WARPS, maxnreg=hopper.MAX_REGISTERS)).asm["ptx"]
-    case = (head_dim, causal)
-    for n in (hopper.BLOCK_N, head_dim):  # FP8 wgmma, both products: S (N = keys), P V (N = head dim)
+    case = (head_dim, causal, sum_mma)
+    # FP8 wgmma, both products: S (N = keys), P V (N = head dim), and P x ones (N = 8) for SUM_MMA
+    for n in (hopper.BLOCK_N, head_dim, 8) if sum_mma else (hopper.BLOCK_N, head_dim):
         assert f"wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3" in ptx, case
-    assert "wgmma.wait_group.sync.aligned 1" in ptx, case  # P V left in flight under the softmax
+    # P V (and P x ones) left in flight under the softmax
+    assert f"wgmma.wait_group.sync.aligned {2 if sum_mma else 1}" in ptx, case
     # P packed in place: no shuffles between threads (one broadcasts the warp index at the start).
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and ptx.count("shfl.sync.idx") <= 1, case
     # Buffers handed back per warp through named barriers, not one thread's mbarrier arrive.

@@ -39,7 +39,8 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..triton.hopper import _block_softmax, _key_blocks, _write_rows
@@ -50,6 +51,7 @@ BLOCK_M = 128  # also the quantization block of Q
 BLOCK_N = 128  # also the quantization block of K and V
 STAGES = 2
 FMA_SHARE = 4  # 1 / FMA_SHARE of the exponentials on the FMA pipe (0: none), `_exp2` in ../triton/hopper.py
+SUM_MMA = False  # the row sums on the tensor cores (P times ones), not by FADD: an experiment (wip/fp8-two-tiles)
 NUM_WARPS = 4  # the first consumer warpgroup; the second and the producer warp are worker partitions
 MAX_REGISTERS = 168
 # Scales are kept at or above float32's smallest normal number: a zero descale (FlashAttention-3's
@@ -93,7 +95,7 @@ def _producer(descs, smem, bars, coords, CAUSAL: gl.constexpr, BLOCK_M: gl.const
               STAGES: gl.constexpr):
     """The load warp: Q once, then K_i and V_i^T into their rings as both consumers hand buffers back."""
     q_desc, k_desc, vt_desc = descs
-    q_smem, k_smem, vt_smem = smem
+    q_smem, k_smem, vt_smem, _ones = smem
     q_ready, k_ready, v_ready = bars
     b, h, h_kv, m0, seqlen_q, seqlen_k = coords
     num_blocks, full_end = _key_blocks(m0, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
@@ -133,9 +135,9 @@ def _as_operand(p, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.const
 @gluon.jit
 def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-              ME: gl.constexpr):
+              SUM_MMA: gl.constexpr, ME: gl.constexpr):
     """Compute warpgroup ME (0 or 1): rows ME * 64 .. ME * 64 + 63 of the program's block."""
-    q_smem, k_smem, vt_smem = smem
+    q_smem, k_smem, vt_smem, ones_smem = smem
     q_ready, k_ready, v_ready = bars
     b, h, h_kv, m0, seqlen_q, seqlen_k = coords
     q_scale, k_descale, stride_ksn, v_descale, stride_vsn = scales  # K's and V's: block 0's, and the block stride
@@ -148,6 +150,10 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    # SUM_MMA: l (ROWS, 8) accumulates P x ones, each column the row sums of the e4m3 P
+    l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 32])
+    lp_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=4)
+    PENDING: gl.constexpr = 2 if SUM_MMA else 1  # products left in flight while S_j is awaited
 
     num_blocks, full_end = _key_blocks(m0, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
     shift = seqlen_k - seqlen_q
@@ -156,6 +162,7 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
     row_max = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
     row_sum = gl.zeros([ROWS], gl.float32, layout=row_layout)
     o = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+    l = gl.zeros([ROWS, 8], gl.float32, layout=l_layout)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     v_scale = 1.0
 
@@ -185,14 +192,20 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
                               use_acc=False, is_async=True)
             o = warpgroup_mma(p_op, vt_smem.index(prev).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), o,
                               is_async=True)
-            s = warpgroup_mma_wait(1, deps=(s,))
+            if SUM_MMA:
+                l = warpgroup_mma(gl.convert_layout(p_op, lp_layout), ones_smem.permute((1, 0)), l, is_async=True)
+            s = warpgroup_mma_wait(PENDING, deps=(s,))
             _named_arrive(FREE_ID + slot, FREE_THREADS)
 
             # Softmax of block j under the running P V product.
             n0 = j * BLOCK_N
             p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, n0, full_end, seqlen_k, shift,
                                                         qk_scale, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True, FMA_SHARE)
-            o = warpgroup_mma_wait(0, deps=(o,))
+            if SUM_MMA:
+                o, l = warpgroup_mma_wait(0, deps=(o, l))
+                l = l * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, l_layout)), 1)
+            else:
+                o = warpgroup_mma_wait(0, deps=(o,))
             _named_arrive(FREE_ID + STAGES + prev, FREE_THREADS)
             # O moves to block j's max and to block j's V descale in one multiply.
             o = o * gl.expand_dims(gl.convert_layout(alpha * (v_scale / next_v_scale), o_rows), 1)
@@ -204,7 +217,12 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
         p_op = _as_operand(p, ROWS, BLOCK_N, p_layout)
         o = warpgroup_mma(p_op, vt_smem.index(last % STAGES).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), o,
                           is_async=True)
-        o = warpgroup_mma_wait(0, deps=(o,))
+        if SUM_MMA:
+            l = warpgroup_mma(gl.convert_layout(p_op, lp_layout), ones_smem.permute((1, 0)), l, is_async=True)
+            o, l = warpgroup_mma_wait(0, deps=(o, l))
+            row_sum = gl.convert_layout(gl.max(l, 1), row_layout)  # its 8 columns are equal; the FADDs' sums die
+        else:
+            o = warpgroup_mma_wait(0, deps=(o,))
         _named_arrive(FREE_ID + STAGES + last % STAGES, FREE_THREADS)
 
     _write_rows(o, row_max, row_sum, v_scale, rows, m0 + ME * ROWS, seqlen_q, Out + b * stride_ob + h * stride_oh,
@@ -213,14 +231,18 @@ def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, 
 
 @gluon.jit
 def _first_consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr):
-    _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, 0)
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
+                    SUM_MMA: gl.constexpr):
+    _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
+              SUM_MMA, 0)
 
 
 @gluon.jit
 def _second_consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr):
-    _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, 1)
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
+                     SUM_MMA: gl.constexpr):
+    _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
+              SUM_MMA, 1)
 
 
 @gluon.jit
@@ -230,7 +252,7 @@ def fp8_hopper_forward(
     stride_qsb, stride_qsh, stride_qsm, stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     seqlen_q, seqlen_k, heads, group, q_scale_group, scale_log2,
     CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
+    STAGES: gl.constexpr, FMA_SHARE: gl.constexpr, SUM_MMA: gl.constexpr,
 ):
     """Grid: (query blocks, batch * query heads). Out (B, Hq, Nq, D) through its strides, Lse (B, Hq,
     Nq). QDescale is read at (b, h // q_scale_group, row block), KDescale and VDescale at (b, h_kv,
@@ -253,22 +275,28 @@ def fp8_hopper_forward(
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     gl.static_assert(FREE_ID + 2 * STAGES <= 16, "named barriers: a CTA has 16")
+    ones_smem = gl.allocate_shared_memory(gl.float8e4nv, [8, BLOCK_N],
+                                          gl.NVMMASharedLayout.get_default_for([8, BLOCK_N], gl.float8e4nv))
+    if SUM_MMA:  # written before the partitions start
+        ones_smem.store(gl.full([8, BLOCK_N], 1.0, gl.float32, layout=gl.BlockedLayout([1, 16], [8, 4], [1, 4], [1, 0]))
+                        .to(gl.float8e4nv))
+        fence_async_shared()
     mbarrier.init(q_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
 
     descs = (q_desc, k_desc, vt_desc)
-    smem = (q_smem, k_smem, vt_smem)
+    smem = (q_smem, k_smem, vt_smem, ones_smem)
     bars = (q_ready, k_ready, v_ready)
     coords = (b, h, h_kv, m0, seqlen_q, seqlen_k)
     scales = (q_scale, k_descale, stride_ksn, v_descale, stride_vsn)
     outputs = (Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh)
     gl.warp_specialize([
         (_first_consumer, (descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                              FMA_SHARE)),
+                           FMA_SHARE, SUM_MMA)),
         (_second_consumer, (descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                              FMA_SHARE)),
+                            FMA_SHARE, SUM_MMA)),
         (_producer, (descs, smem, bars, coords, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
 
@@ -329,7 +357,7 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
                *(s for descale in descales for s in _block_strides(descale)),
                seqlen_q, problem.seqlen_k, heads_q, problem.group_size, q_scale_group, problem.scale * LOG2E,
                CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, FMA_SHARE=FMA_SHARE,
-               num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
+               SUM_MMA=SUM_MMA, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
     except Exception as exc:  # noqa: BLE001 - fall back to the portable kernel, say so once
         if compile_only:
             raise
