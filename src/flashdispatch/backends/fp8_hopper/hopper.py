@@ -51,8 +51,9 @@ BLOCK_M = 128  # also the quantization block of Q
 BLOCK_N = 128  # also the quantization block of K and V
 STAGES = 2
 FMA_SHARE = 4  # 1 / FMA_SHARE of the exponentials on the FMA pipe (0: none), `_exp2` in ../triton/hopper.py
-# One program per SM, each taking tile after tile, not one per tile: an experiment (wip/fp8-persistent)
-PERSISTENT = True
+# Head dims with one program per SM, each taking tile after tile, not one program per tile: an
+# experiment (wip/fp8-persistent). Not D = 256, whose loop spills with it (312 B at causal, sm_90a).
+PERSISTENT = (64, 128)
 SUM_MMA = False  # the row sums on the tensor cores (P times ones), not by FADD: an experiment (wip/fp8-two-tiles)
 NUM_WARPS = 4  # the first consumer warpgroup; the second and the producer warp are worker partitions
 MAX_REGISTERS = 168
@@ -112,40 +113,50 @@ def _tile(t, geometry, BLOCK_M: gl.constexpr):
 
 
 @gluon.jit
-def _producer(descs, smem, bars, geometry, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr):
-    """The load warp, tile after tile: Q, then K_i and V_i^T into their rings as both consumers hand
-    buffers back. A tile's Q is loaded once the consumers are done with the last one's (its last
-    scores), so it arrives while they finish that tile."""
+def _load_tile(t, loads, queries, descs, smem, bars, geometry, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The producer's part of tile t: its Q, once the consumers are done with the previous tile's,
+    then its K_i and V_i^T into their rings as the consumers hand buffers back. loads: key blocks
+    loaded by this program so far (the n-th goes to ring slot n % STAGES); queries: tiles whose Q
+    was loaded. Returns both, counting this tile's."""
     q_desc, k_desc, vt_desc = descs
     q_smem, k_smem, vt_smem, _ones = smem
     q_ready, k_ready, v_ready = bars
     seqlen_q, seqlen_k, heads, group, tiles = geometry
-    loads = 0  # key blocks loaded by this program so far: n-th goes to ring slot n % STAGES
-    queries = 0  # tiles whose Q was loaded
-    for t in range(gl.program_id(0), tiles, gl.num_programs(0)):
-        b, h, h_kv, m_block = _tile(t, geometry, BLOCK_M)
-        num_blocks, full_end = _key_blocks(m_block * BLOCK_M, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
-        if num_blocks > 0:
-            if queries > 0:
-                _named_sync(_q_free(STAGES), FREE_THREADS)
-            mbarrier.expect(q_ready, q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [b, h, m_block * BLOCK_M, 0], q_ready, q_smem)
-            queries += 1
-        for i in range(num_blocks):
-            n = loads + i
-            slot = n % STAGES
-            if n >= STAGES:  # the first pass through the ring finds every buffer free
-                _named_sync(FREE_ID + slot, FREE_THREADS)
-            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b, h_kv, i * BLOCK_N, 0], k_ready.index(slot),
-                                            k_smem.index(slot))
-            if n >= STAGES:
-                _named_sync(FREE_ID + STAGES + slot, FREE_THREADS)
-            mbarrier.expect(v_ready.index(slot), vt_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(vt_desc, [b, h_kv, 0, i * BLOCK_N], v_ready.index(slot),
-                                            vt_smem.index(slot))
-        loads += num_blocks
+    b, h, h_kv, m_block = _tile(t, geometry, BLOCK_M)
+    num_blocks, full_end = _key_blocks(m_block * BLOCK_M, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+    if num_blocks > 0:
+        if queries > 0:
+            _named_sync(_q_free(STAGES), FREE_THREADS)
+        mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, h, m_block * BLOCK_M, 0], q_ready, q_smem)
+    for i in range(num_blocks):
+        n = loads + i
+        slot = n % STAGES
+        if n >= STAGES:  # the first pass through the ring finds every buffer free
+            _named_sync(FREE_ID + slot, FREE_THREADS)
+        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [b, h_kv, i * BLOCK_N, 0], k_ready.index(slot), k_smem.index(slot))
+        if n >= STAGES:
+            _named_sync(FREE_ID + STAGES + slot, FREE_THREADS)
+        mbarrier.expect(v_ready.index(slot), vt_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(vt_desc, [b, h_kv, 0, i * BLOCK_N], v_ready.index(slot), vt_smem.index(slot))
+    return loads + num_blocks, queries + (num_blocks > 0).to(gl.int32)
+
+
+@gluon.jit
+def _producer(descs, smem, bars, geometry, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr, PERSISTENT: gl.constexpr):
+    """The load warp: the program's tile, or with PERSISTENT tile after tile (`_load_tile`)."""
+    if PERSISTENT:
+        loads = 0
+        queries = 0
+        for t in range(gl.program_id(0), geometry[4], gl.num_programs(0)):
+            loads, queries = _load_tile(t, loads, queries, descs, smem, bars, geometry, CAUSAL, BLOCK_M, BLOCK_N,
+                                        STAGES)
+    else:
+        loads, queries = _load_tile(gl.program_id(0), 0, 0, descs, smem, bars, geometry, CAUSAL, BLOCK_M, BLOCK_N,
+                                    STAGES)
     # Take the last hand-backs too, so that no named barrier is left part-way at exit.
     for n in range(gl.maximum(loads - STAGES, 0), loads):
         _named_sync(FREE_ID + n % STAGES, FREE_THREADS)
@@ -169,10 +180,12 @@ def _as_operand(p, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.const
 
 
 @gluon.jit
-def _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-              SUM_MMA: gl.constexpr, ME: gl.constexpr):
-    """Compute warpgroup ME (0 or 1): rows ME * 64 .. ME * 64 + 63 of each of the program's tiles."""
+def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  FMA_SHARE: gl.constexpr, SUM_MMA: gl.constexpr, ME: gl.constexpr):
+    """Compute warpgroup ME's part of tile t: rows ME * 64 .. ME * 64 + 63 of its row block. uses:
+    key blocks used by this program so far (the n-th in ring slot n % STAGES, phase (n // STAGES) &
+    1); queries: tiles whose Q was used. Returns both, counting this tile's."""
     q_smem, k_smem, vt_smem, ones_smem = smem
     q_ready, k_ready, v_ready = bars
     seqlen_q, seqlen_k, heads, group, tiles = geometry
@@ -194,105 +207,119 @@ def _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr
     shift = seqlen_k - seqlen_q
     q = q_smem.reshape([BLOCK_M, HEAD_DIM]).slice(ME * ROWS, ROWS)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-    uses = 0  # key blocks used by this program so far: n-th in ring slot n % STAGES, phase (n // STAGES) & 1
-    queries = 0  # tiles whose Q was used
 
-    for t in range(gl.program_id(0), tiles, gl.num_programs(0)):
-        b, h, h_kv, m_block = _tile(t, geometry, BLOCK_M)
-        m0 = m_block * BLOCK_M
-        q_scale = gl.load(QDescale + b * stride_qsb + (h // q_scale_group) * stride_qsh + m_block * stride_qsm) \
-            * scale_log2
-        k_descale = KDescale + b * stride_ksb + h_kv * stride_ksh
-        v_descale = VDescale + b * stride_vsb + h_kv * stride_vsh
-        num_blocks, full_end = _key_blocks(m0, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
-        rows = m0 + ME * ROWS + gl.arange(0, ROWS, layout=row_layout)
-        row_max = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
-        row_sum = gl.zeros([ROWS], gl.float32, layout=row_layout)
-        o = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-        l = gl.zeros([ROWS, 8], gl.float32, layout=l_layout)
-        v_scale = 1.0
+    b, h, h_kv, m_block = _tile(t, geometry, BLOCK_M)
+    m0 = m_block * BLOCK_M
+    q_scale = gl.load(QDescale + b * stride_qsb + (h // q_scale_group) * stride_qsh + m_block * stride_qsm) \
+        * scale_log2
+    k_descale = KDescale + b * stride_ksb + h_kv * stride_ksh
+    v_descale = VDescale + b * stride_vsb + h_kv * stride_vsh
+    num_blocks, full_end = _key_blocks(m0, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+    rows = m0 + ME * ROWS + gl.arange(0, ROWS, layout=row_layout)
+    row_max = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+    row_sum = gl.zeros([ROWS], gl.float32, layout=row_layout)
+    o = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+    l = gl.zeros([ROWS, 8], gl.float32, layout=l_layout)
+    v_scale = 1.0
 
-        if num_blocks > 0:
-            # Block 0: scores and softmax, nothing to overlap with yet.
-            mbarrier.wait(q_ready, queries & 1)
-            mbarrier.wait(k_ready.index(uses % STAGES), (uses // STAGES) & 1)
-            s = warpgroup_mma(q, k_smem.index(uses % STAGES).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
-                              use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(0, deps=(s,))
-            _named_arrive(FREE_ID + uses % STAGES, FREE_THREADS)
-            qk_scale = gl.maximum(q_scale * gl.load(k_descale), MIN_SCALE)
-            v_scale = gl.maximum(gl.load(v_descale), MIN_SCALE)
-            p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, 0, full_end, seqlen_k, shift,
-                                                        qk_scale, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True, FMA_SHARE)
+    if num_blocks > 0:
+        # Block 0: scores and softmax, nothing to overlap with yet.
+        mbarrier.wait(q_ready, queries & 1)
+        mbarrier.wait(k_ready.index(uses % STAGES), (uses // STAGES) & 1)
+        s = warpgroup_mma(q, k_smem.index(uses % STAGES).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+                          use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        _named_arrive(FREE_ID + uses % STAGES, FREE_THREADS)
+        qk_scale = gl.maximum(q_scale * gl.load(k_descale), MIN_SCALE)
+        v_scale = gl.maximum(gl.load(v_descale), MIN_SCALE)
+        p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, 0, full_end, seqlen_k, shift,
+                                                    qk_scale, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True, FMA_SHARE)
 
-            for j in range(1, num_blocks):
-                # S_j = Q K_j^T and O += P_{j-1} V_{j-1}, both in flight at once.
-                n = uses + j
-                slot = n % STAGES
-                prev = (n - 1) % STAGES
-                qk_scale = gl.maximum(q_scale * gl.load(k_descale + j * stride_ksn), MIN_SCALE)
-                next_v_scale = gl.maximum(gl.load(v_descale + j * stride_vsn), MIN_SCALE)
-                mbarrier.wait(k_ready.index(slot), (n // STAGES) & 1)
-                mbarrier.wait(v_ready.index(prev), ((n - 1) // STAGES) & 1)
-                p_op = _as_operand(p, ROWS, BLOCK_N, p_layout)
-                s = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
-                                  use_acc=False, is_async=True)
-                o = warpgroup_mma(p_op, vt_smem.index(prev).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), o,
-                                  is_async=True)
-                if SUM_MMA:
-                    l = warpgroup_mma(gl.convert_layout(p_op, lp_layout), ones_smem.permute((1, 0)), l, is_async=True)
-                s = warpgroup_mma_wait(PENDING, deps=(s,))
-                _named_arrive(FREE_ID + slot, FREE_THREADS)
-
-                # Softmax of block j under the running P V product.
-                p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, j * BLOCK_N, full_end,
-                                                            seqlen_k, shift, qk_scale, CAUSAL, BLOCK_N, s_layout,
-                                                            P_SHIFT, True, FMA_SHARE)
-                if SUM_MMA:
-                    o, l = warpgroup_mma_wait(0, deps=(o, l))
-                    l = l * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, l_layout)), 1)
-                else:
-                    o = warpgroup_mma_wait(0, deps=(o,))
-                _named_arrive(FREE_ID + STAGES + prev, FREE_THREADS)
-                # O moves to block j's max and to block j's V descale in one multiply.
-                o = o * gl.expand_dims(gl.convert_layout(alpha * (v_scale / next_v_scale), o_rows), 1)
-                v_scale = next_v_scale
-            _named_arrive(_q_free(STAGES), FREE_THREADS)  # every S of the tile is done: the next tile's Q may come
-
-            # The last block's P V.
-            last = uses + num_blocks - 1
-            mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        for j in range(1, num_blocks):
+            # S_j = Q K_j^T and O += P_{j-1} V_{j-1}, both in flight at once.
+            n = uses + j
+            slot = n % STAGES
+            prev = (n - 1) % STAGES
+            qk_scale = gl.maximum(q_scale * gl.load(k_descale + j * stride_ksn), MIN_SCALE)
+            next_v_scale = gl.maximum(gl.load(v_descale + j * stride_vsn), MIN_SCALE)
+            mbarrier.wait(k_ready.index(slot), (n // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((n - 1) // STAGES) & 1)
             p_op = _as_operand(p, ROWS, BLOCK_N, p_layout)
-            o = warpgroup_mma(p_op, vt_smem.index(last % STAGES).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), o,
+            s = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+                              use_acc=False, is_async=True)
+            o = warpgroup_mma(p_op, vt_smem.index(prev).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), o,
                               is_async=True)
             if SUM_MMA:
                 l = warpgroup_mma(gl.convert_layout(p_op, lp_layout), ones_smem.permute((1, 0)), l, is_async=True)
+            s = warpgroup_mma_wait(PENDING, deps=(s,))
+            _named_arrive(FREE_ID + slot, FREE_THREADS)
+
+            # Softmax of block j under the running P V product.
+            p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, j * BLOCK_N, full_end,
+                                                        seqlen_k, shift, qk_scale, CAUSAL, BLOCK_N, s_layout,
+                                                        P_SHIFT, True, FMA_SHARE)
+            if SUM_MMA:
                 o, l = warpgroup_mma_wait(0, deps=(o, l))
-                row_sum = gl.convert_layout(gl.max(l, 1), row_layout)  # its 8 columns are equal; the FADDs' sums die
+                l = l * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, l_layout)), 1)
             else:
                 o = warpgroup_mma_wait(0, deps=(o,))
-            _named_arrive(FREE_ID + STAGES + last % STAGES, FREE_THREADS)
-            uses += num_blocks
-            queries += 1
+            _named_arrive(FREE_ID + STAGES + prev, FREE_THREADS)
+            # O moves to block j's max and to block j's V descale in one multiply.
+            o = o * gl.expand_dims(gl.convert_layout(alpha * (v_scale / next_v_scale), o_rows), 1)
+            v_scale = next_v_scale
+        _named_arrive(_q_free(STAGES), FREE_THREADS)  # every S of the tile is done: the next tile's Q may come
 
-        _write_rows(o, row_max, row_sum, v_scale, rows, m0 + ME * ROWS, seqlen_q, Out + b * stride_ob + h * stride_oh,
-                    stride_om, Lse + b * stride_lb + h * stride_lh, P_SHIFT, HEAD_DIM, o_layout)
+        # The last block's P V.
+        last = uses + num_blocks - 1
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        p_op = _as_operand(p, ROWS, BLOCK_N, p_layout)
+        o = warpgroup_mma(p_op, vt_smem.index(last % STAGES).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), o,
+                          is_async=True)
+        if SUM_MMA:
+            l = warpgroup_mma(gl.convert_layout(p_op, lp_layout), ones_smem.permute((1, 0)), l, is_async=True)
+            o, l = warpgroup_mma_wait(0, deps=(o, l))
+            row_sum = gl.convert_layout(gl.max(l, 1), row_layout)  # its 8 columns are equal; the FADDs' sums die
+        else:
+            o = warpgroup_mma_wait(0, deps=(o,))
+        _named_arrive(FREE_ID + STAGES + last % STAGES, FREE_THREADS)
+
+    _write_rows(o, row_max, row_sum, v_scale, rows, m0 + ME * ROWS, seqlen_q, Out + b * stride_ob + h * stride_oh,
+                stride_om, Lse + b * stride_lb + h * stride_lh, P_SHIFT, HEAD_DIM, o_layout)
+
+
+    return uses + num_blocks, queries + (num_blocks > 0).to(gl.int32)
+
+
+@gluon.jit
+def _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
+              SUM_MMA: gl.constexpr, PERSISTENT: gl.constexpr, ME: gl.constexpr):
+    """Compute warpgroup ME (0 or 1): the program's tile, or with PERSISTENT tile after tile."""
+    if PERSISTENT:
+        uses = 0
+        queries = 0
+        for t in range(gl.program_id(0), geometry[4], gl.num_programs(0)):
+            uses, queries = _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM,
+                                          BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, SUM_MMA, ME)
+    else:
+        _compute_tile(gl.program_id(0), 0, 0, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M,
+                      BLOCK_N, STAGES, FMA_SHARE, SUM_MMA, ME)
 
 
 @gluon.jit
 def _first_consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-                    SUM_MMA: gl.constexpr):
+                    SUM_MMA: gl.constexpr, PERSISTENT: gl.constexpr):
     _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
-              SUM_MMA, 0)
+              SUM_MMA, PERSISTENT, 0)
 
 
 @gluon.jit
 def _second_consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-                     SUM_MMA: gl.constexpr):
+                     SUM_MMA: gl.constexpr, PERSISTENT: gl.constexpr):
     _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
-              SUM_MMA, 1)
+              SUM_MMA, PERSISTENT, 1)
 
 
 @gluon.jit
@@ -302,7 +329,7 @@ def fp8_hopper_forward(
     stride_qsb, stride_qsh, stride_qsm, stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     seqlen_q, seqlen_k, heads, group, q_scale_group, scale_log2, batch_heads,
     CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, FMA_SHARE: gl.constexpr, SUM_MMA: gl.constexpr,
+    STAGES: gl.constexpr, FMA_SHARE: gl.constexpr, SUM_MMA: gl.constexpr, PERSISTENT: gl.constexpr,
 ):
     """Grid: (programs,), each taking tiles (a row block of a (batch, query head)) program_id,
     program_id + programs, ... of the batch_heads x row blocks (`_tile`): as many programs as tiles,
@@ -337,10 +364,10 @@ def fp8_hopper_forward(
     outputs = (Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh)
     gl.warp_specialize([
         (_first_consumer, (descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                           FMA_SHARE, SUM_MMA)),
+                           FMA_SHARE, SUM_MMA, PERSISTENT)),
         (_second_consumer, (descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                            FMA_SHARE, SUM_MMA)),
-        (_producer, (descs, smem, bars, geometry, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+                            FMA_SHARE, SUM_MMA, PERSISTENT)),
+        (_producer, (descs, smem, bars, geometry, CAUSAL, BLOCK_M, BLOCK_N, STAGES, PERSISTENT)),
     ], [4, 1], [240, 24])
 
 
@@ -398,7 +425,8 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
     out = torch.empty(q8.shape, dtype=out_dtype, device=q8.device)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q8.device)
     tiles = triton.cdiv(seqlen_q, BLOCK_M) * batch * heads_q
-    grid = (min(tiles, _sm_count(q8.device)) if PERSISTENT else tiles,)
+    persistent = d in PERSISTENT
+    grid = (min(tiles, _sm_count(q8.device)) if persistent else tiles,)
     kernel = fp8_hopper_forward.warmup if compile_only else fp8_hopper_forward[grid]
     extra = dict(grid=grid) if compile_only else {}
     try:
@@ -406,7 +434,7 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
                *(s for descale in descales for s in _block_strides(descale)),
                seqlen_q, problem.seqlen_k, heads_q, problem.group_size, q_scale_group, problem.scale * LOG2E,
                batch * heads_q, CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, FMA_SHARE=FMA_SHARE,
-               SUM_MMA=SUM_MMA, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
+               SUM_MMA=SUM_MMA, PERSISTENT=persistent, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
     except Exception as exc:  # noqa: BLE001 - fall back to the portable kernel, say so once
         if compile_only:
             raise
