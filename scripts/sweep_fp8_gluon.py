@@ -57,7 +57,7 @@ def main() -> None:
         for hopper.STAGES, hopper.FMA_SHARE, hopper.SUM_MMA, persistent in settings:
             hopper.PERSISTENT = defaults[3] if persistent else ()
             name = (f"gluon[{hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE}{', sums on TC' if hopper.SUM_MMA else ''}"
-                    f"{', persistent' if d in hopper.PERSISTENT else ''}]")
+                    f"{', persistent' if d in hopper.PERSISTENT and not causal else ''}]")
             result = hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem)
             if result is None:
                 why = hopper._failure or "TMA cannot address the tensors"

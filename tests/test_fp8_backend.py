@@ -380,7 +380,7 @@ for head_dim, causal, sum_mma in ((128, False, False), (64, True, False), (256, 
              "vt_desc": hopper._descriptor(vt, [1, 1, head_dim, hopper.BLOCK_N])}
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper.BLOCK_M, BLOCK_N=hopper.BLOCK_N,
                       STAGES=hopper.STAGES, FMA_SHARE=hopper.FMA_SHARE, SUM_MMA=sum_mma,
-                      PERSISTENT=head_dim in hopper.PERSISTENT)
+                      PERSISTENT=head_dim in hopper.PERSISTENT and not causal)
     types = {"Out": "*bf16", "Lse": "*fp32", "QDescale": "*fp32", "KDescale": "*fp32", "VDescale": "*fp32",
              "scale_log2": "fp32", **{name: mangle_type(d) for name, d in descs.items()}}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}

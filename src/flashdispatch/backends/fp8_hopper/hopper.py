@@ -52,7 +52,10 @@ BLOCK_N = 128  # also the quantization block of K and V
 STAGES = 2
 FMA_SHARE = 4  # 1 / FMA_SHARE of the exponentials on the FMA pipe (0: none), `_exp2` in ../triton/hopper.py
 # Head dims with one program per SM, each taking tile after tile, not one program per tile: an
-# experiment (wip/fp8-persistent). Not D = 256, whose loop spills with it (312 B at causal, sm_90a).
+# experiment (wip/fp8-persistent). Not D = 256, whose loop spills with it (312 B at causal, sm_90a),
+# and not causal: its tiles' work differs, and taken round-robin (program p: tiles p, p + SMs, ...)
+# it piles up (4k keys, 2048 tiles: 288 key blocks for programs p = 0 mod 4, 240 for p = 3 mod 4),
+# where one program per tile lets the hardware hand the next tile to whichever SM is free.
 PERSISTENT = (64, 128)
 SUM_MMA = False  # the row sums on the tensor cores (P times ones), not by FADD: an experiment (wip/fp8-two-tiles)
 NUM_WARPS = 4  # the first consumer warpgroup; the second and the producer warp are worker partitions
@@ -425,7 +428,7 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
     out = torch.empty(q8.shape, dtype=out_dtype, device=q8.device)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q8.device)
     tiles = triton.cdiv(seqlen_q, BLOCK_M) * batch * heads_q
-    persistent = d in PERSISTENT
+    persistent = d in PERSISTENT and not problem.causal
     grid = (min(tiles, _sm_count(q8.device)) if persistent else tiles,)
     kernel = fp8_hopper_forward.warmup if compile_only else fp8_hopper_forward[grid]
     extra = dict(grid=grid) if compile_only else {}
