@@ -168,13 +168,18 @@ def test_attention_reads_a_kernel_layout_v_as_a_plain_tensor_it_marks(monkeypatc
         fp8_hopper._kernel_layout_v(plain, problem)
 
 
-def test_refuses_more_batch_x_heads_than_a_grid_axis_takes():
+def test_refuses_what_the_grid_or_32_bit_offsets_cannot_hold():
     from flashdispatch.dispatcher.capabilities import capabilities
 
-    many_heads = torch.empty(2, 40000, 1, 64, dtype=FP8, device="meta")
-    problem = build_problem(many_heads, many_heads, many_heads)
-    reasons = REGISTRY.get("fp8-hopper").extra_reasons(problem, capabilities(torch.device("cpu")))
-    assert "batch x query heads = 80000: at most 65535 (the kernels' second grid axis)" in reasons
+    def reasons(batch, heads, seqlen, head_dim=64):
+        t = torch.empty(batch, heads, seqlen, head_dim, dtype=FP8, device="meta")
+        return REGISTRY.get("fp8-hopper").extra_reasons(build_problem(t, t, t), capabilities(torch.device("cpu")))
+
+    assert "batch x query heads = 80000: at most 65535 (the kernels' second grid axis)" in reasons(2, 40000, 1)
+    assert not any("grid" in r for r in reasons(3, 21845, 1))  # 65535 exactly
+    # The output's offsets: (16, 32, 32768, 256) is 2^32 elements, and batch 8 on would wrap.
+    assert any("under 2^31 only" in r for r in reasons(16, 32, 32768, 256))
+    assert not any("2^31" in r for r in reasons(1, 32, 2**20 - 1, 64))  # one row of 64 short of 2^31
 
 
 def test_the_gluon_kernel_takes_every_head_dim_the_backend_does():

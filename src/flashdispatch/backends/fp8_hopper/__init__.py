@@ -27,7 +27,7 @@ import torch
 
 from ...dispatcher.capabilities import Capabilities
 from ...dispatcher.problem import FP8_DTYPE, Problem
-from ..base import MAX_GRID_Y, Backend, Support, from_bhsd, to_bhsd
+from ..base import Backend, Support, from_bhsd, to_bhsd, triton_grid_reasons
 from .quantize import permute_keys, rearrange_v
 
 SUPPORT = Support(
@@ -137,10 +137,7 @@ class Fp8HopperBackend(Backend):
             reasons.append("bfloat16 inputs are wrong in Triton's CPU interpreter (3.4-3.9); float16 and float8 work")
         if problem.head_dim not in HEAD_DIMS:
             reasons.append(f"head_dim {problem.head_dim} not supported (supports {', '.join(map(str, HEAD_DIMS))})")
-        if problem.batch * problem.heads_q > MAX_GRID_Y:
-            reasons.append(f"batch x query heads = {problem.batch * problem.heads_q}: at most {MAX_GRID_Y} "
-                           f"(the kernels' second grid axis)")
-        return reasons
+        return reasons + triton_grid_reasons(problem)
 
     def notes(self, problem: Problem, caps: Capabilities) -> list[str]:
         from ...dispatcher.policy import active_policy

@@ -35,7 +35,7 @@ import torch
 
 from ...dispatcher.capabilities import Capabilities, capabilities
 from ...dispatcher.problem import Problem
-from ..base import MAX_GRID_Y, Backend, Support
+from ..base import Backend, Support, triton_grid_reasons
 from .configs import TUNER, Config, candidates, hopper_reasons
 from .launcher import Launcher
 
@@ -260,15 +260,7 @@ class TritonBackend(Backend):
             return ["runs on the CPU only in Triton's interpreter (TRITON_INTERPRET=1), for tests"]
         if problem.device_type == "cpu" and problem.dtype == torch.bfloat16:
             return ["bfloat16 dots are wrong in Triton's CPU interpreter (3.4-3.9)"]
-        reasons = []
-        if problem.batch * problem.heads_q > MAX_GRID_Y:
-            reasons.append(f"batch x query heads = {problem.batch * problem.heads_q}: at most {MAX_GRID_Y} "
-                           f"(the kernels' second grid axis)")
-        elements = max(problem.total_q * problem.heads_q, problem.total_k * problem.heads_kv) * max(
-            problem.head_dim, problem.head_dim_v)
-        if elements >= 2**31:
-            reasons.append(f"a tensor of {elements} elements: under 2^31 only (the kernels' offsets are 32-bit)")
-        return reasons
+        return triton_grid_reasons(problem)
 
     def notes(self, problem: Problem, caps: Capabilities) -> list[str]:
         kernels = ["decode" if _decoding(problem) else "forward"] + (["dkdv", "dq"] if problem.needs_grad else [])
