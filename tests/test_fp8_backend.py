@@ -211,6 +211,33 @@ def test_after_a_hopper_kernel_failure_the_portable_kernel_gets_its_own_quantiza
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test: for machines without a GPU")
+def test_q_or_k_that_tma_cannot_read_go_to_the_portable_kernel_before_v_is_rearranged(monkeypatch, caplog):
+    # A K broadcast over its heads (head stride 0): the Gluon kernel's TMA cannot read it. The
+    # backend finds that out before it rearranges V for that kernel, and says so once in the log.
+    from flashdispatch.backends import fp8_hopper
+    from flashdispatch.backends.fp8_hopper import hopper
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(fp8_hopper, "_gluon_reasons", lambda problem: [])
+    calls = []
+    monkeypatch.setattr(fp8_hopper, "rearrange_v", lambda v: calls.append("rearrange_v"))
+    monkeypatch.setattr(hopper, "forward", lambda *args, **kwargs: calls.append("hopper.forward"))
+    (q8, k8, v8), descales = _fp8_inputs(hq=4, hkv=2, nq=40, nk=70)
+    k8 = k8[:, :1].expand(1, 2, 70, 64)
+    with caplog.at_level("WARNING", logger="flashdispatch"):
+        for _ in range(2):
+            out = attention(q8, k8, v8, q_descale=descales[0], k_descale=descales[1], v_descale=descales[2],
+                            backend="fp8-hopper")
+    assert calls == []
+    warnings = [r.getMessage() for r in caplog.records if "TMA cannot read" in r.getMessage()]
+    assert warnings == ["fp8-hopper: the portable kernel, slower, runs this call: TMA cannot read k: its strides "
+                        "(8960, 0, 64, 1) are not all positive multiples of 16 bytes"]
+    ref, _, plain = _reference(q8, k8.contiguous(), v8, descales, False)
+    err, base = (out.double() - ref).abs().max().item(), (plain.double() - ref).abs().max().item()
+    assert err <= 10 * base + 1e-2, (err, base)  # the interpreter's float8 rounding: see the test above
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test: for machines without a GPU")
 @pytest.mark.parametrize("causal", [False, True])
 def test_the_portable_kernel_carries_o_across_v_blocks_of_very_different_scales(monkeypatch, causal):
     # The quantized V has one descale per key block; the kernel keeps O in units of the current

@@ -21,6 +21,7 @@ QGMMA). Forward only: there is no FP8 backward.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -75,8 +76,11 @@ def _warp_specialized(problem: Problem) -> bool:
 def _kernel_note(problem: Problem) -> str:
     reasons = _gluon_reasons(problem)
     if not reasons:
-        return ("kernel: the warp-specialized Gluon one (hopper.py), or the portable one where TMA cannot address "
-                "the tensors (a base or stride not a multiple of 16 bytes)")
+        if problem.dtype != FP8_DTYPE:
+            return "kernel: the warp-specialized Gluon one (hopper.py)"
+        return ("kernel: the warp-specialized Gluon one (hopper.py), or the portable one, slower, where TMA cannot "
+                "read q or k (data not starting at a multiple of 16 bytes, a stride that is zero or not a multiple of "
+                "16 bytes, or a last dim that is not contiguous; logged once)")
     return f"kernel: the portable Triton one (kernel.py), slower: the Gluon one does not take this: {'; '.join(reasons)}"
 
 
@@ -89,6 +93,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+log = logging.getLogger("flashdispatch")
 _signs: dict[tuple, torch.Tensor] = {}  # (head dim, seed, device) -> the rotation's signs
 
 
@@ -171,6 +176,9 @@ def _run(q, k, v, descales, v_in_kernel_layout, problem, warp_specialized):
     if problem.dtype == FP8_DTYPE:
         out_dtype = torch.bfloat16
         q8, k8 = q, k
+        if warp_specialized and (why := _unaddressable(q8, k8)):
+            _log_once(f"fp8-hopper: the portable kernel, slower, runs this call: TMA cannot read {why}")
+            return None
         vt8 = _v_transposed(v, v_in_kernel_layout, warp_specialized)
     else:
         from .quantize import quantize
@@ -194,6 +202,26 @@ def _run(q, k, v, descales, v_in_kernel_layout, problem, warp_specialized):
         ones = torch.ones(1, 1, dtype=torch.float32, device=q.device).expand(problem.batch, problem.heads_kv)
         descales = tuple(ones if d is None else d for d in descales)
     return hopper.forward(q8, k8, vt8, descales, problem.group_size if per_head else 1, out_dtype, problem)
+
+
+def _unaddressable(q8: torch.Tensor, k8: torch.Tensor) -> str | None:
+    """Why the Gluon kernel's TMA cannot read pre-quantized q8 or k8 ("q: ..."), or None. (V always
+    reaches it in a layout of its own, and quantized inputs are fresh tensors.)"""
+    from .hopper import unaddressable
+
+    for name, t in (("q", q8), ("k", k8)):
+        if why := unaddressable(t):
+            return f"{name}: {why}"
+    return None
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.warning(message)
 
 
 def hopper_tile() -> tuple[int, int]:
