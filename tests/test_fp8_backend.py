@@ -465,7 +465,7 @@ def test_the_kernel_note_names_the_gluon_kernel_or_why_not(monkeypatch):
 
     from flashdispatch.backends import fp8_hopper
 
-    monkeypatch.setattr(fp8_hopper, "_interpreting", lambda: False)
+    monkeypatch.setattr(fp8_hopper, "triton_interpreting", lambda: False)
     (q8, k8, v8), descales = _fp8_inputs(d=128)
     on_gpu = dataclasses.replace(build_problem(q8, k8, v8, descales=descales), device_type="cuda")
     assert fp8_hopper._kernel_note(on_gpu).startswith("kernel: the warp-specialized Gluon one (hopper.py)")

@@ -28,12 +28,11 @@ keep float32-level accuracy; plain TF32 would not.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
-from ...dispatcher.capabilities import Capabilities, capabilities
+from ...dispatcher.capabilities import Capabilities, capabilities, triton_interpreting
 from ...dispatcher.problem import Problem
 from ..base import Backend, Support, triton_grid_reasons
 from .configs import TUNER, Config, candidates, hopper_reasons
@@ -58,10 +57,6 @@ DECODE_MAX_QUERIES = 16  # forward problems up to this many queries take the dec
 # Split-KV decoding: enough programs for this many per SM, each with at least this many key blocks.
 DECODE_PROGRAMS_PER_SM = 4
 DECODE_MIN_BLOCKS_PER_SPLIT = 2
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _strides(t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
@@ -256,7 +251,7 @@ class TritonBackend(Backend):
         return []
 
     def extra_reasons(self, problem: Problem, caps: Capabilities) -> list[str]:
-        if problem.device_type == "cpu" and not _interpreting():
+        if problem.device_type == "cpu" and not triton_interpreting():
             return ["runs on the CPU only in Triton's interpreter (TRITON_INTERPRET=1), for tests"]
         if problem.device_type == "cpu" and problem.dtype == torch.bfloat16:
             return ["bfloat16 dots are wrong in Triton's CPU interpreter (3.4-3.9)"]
@@ -284,7 +279,7 @@ class TritonBackend(Backend):
         caps = capabilities(device)
         layout = problem.layout
         decoding = _decoding(problem)
-        interpreting = _interpreting()
+        interpreting = triton_interpreting()
         if not problem.varlen:
             cu_seqlens_q = cu_seqlens_k = _empty_int32(device)
 
