@@ -367,6 +367,9 @@ def quantize(x, block_rows: int, signs=None, transpose: bool = False, key_order:
     if key_order and not transpose:
         raise ValueError("key_order: applies to the transposed layout only (transpose=True)")
     batch, heads, seqlen, head_dim = x.shape
+    if batch * heads > MAX_GRID_Y:
+        raise ValueError(f"x: batch x heads = {batch * heads}: at most {MAX_GRID_Y} (the kernel's second grid axis), "
+                         f"got shape {tuple(x.shape)}")
     blocks = triton.cdiv(seqlen, block_rows)
     n16 = padded_length(seqlen) // PAD
     if transpose:
