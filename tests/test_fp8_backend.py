@@ -168,13 +168,18 @@ def test_attention_reads_a_kernel_layout_v_as_a_plain_tensor_it_marks(monkeypatc
         fp8_hopper._kernel_layout_v(plain, problem)
 
 
-def test_refuses_more_batch_x_heads_than_a_grid_axis_takes():
+def test_refuses_what_the_grid_or_32_bit_offsets_cannot_hold():
     from flashdispatch.dispatcher.capabilities import capabilities
 
-    many_heads = torch.empty(2, 40000, 1, 64, dtype=FP8, device="meta")
-    problem = build_problem(many_heads, many_heads, many_heads)
-    reasons = REGISTRY.get("fp8-hopper").extra_reasons(problem, capabilities(torch.device("cpu")))
-    assert "batch x query heads = 80000: at most 65535 (the kernels' second grid axis)" in reasons
+    def reasons(batch, heads, seqlen, head_dim=64):
+        t = torch.empty(batch, heads, seqlen, head_dim, dtype=FP8, device="meta")
+        return REGISTRY.get("fp8-hopper").extra_reasons(build_problem(t, t, t), capabilities(torch.device("cpu")))
+
+    assert "batch x query heads = 80000: at most 65535 (the kernels' second grid axis)" in reasons(2, 40000, 1)
+    assert not any("grid" in r for r in reasons(3, 21845, 1))  # 65535 exactly
+    # The output's offsets: (16, 32, 32768, 256) is 2^32 elements, and batch 8 on would wrap.
+    assert any("under 2^31 only" in r for r in reasons(16, 32, 32768, 256))
+    assert not any("2^31" in r for r in reasons(1, 32, 2**20 - 1, 64))  # one row of 64 short of 2^31
 
 
 def test_the_gluon_kernel_takes_every_head_dim_the_backend_does():
@@ -203,6 +208,33 @@ def test_after_a_hopper_kernel_failure_the_portable_kernel_gets_its_own_quantiza
     monkeypatch.setattr(fp8_hopper, "_warp_specialized", lambda problem: True)
     monkeypatch.setattr(hopper, "forward", lambda *args, **kwargs: None)  # as after a failed launch
     assert torch.equal(attention(q, k, v, causal=causal, precision="fp8", backend="fp8-hopper"), expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test: for machines without a GPU")
+def test_q_or_k_that_tma_cannot_read_go_to_the_portable_kernel_before_v_is_rearranged(monkeypatch, caplog):
+    # A K broadcast over its heads (head stride 0): the Gluon kernel's TMA cannot read it. The
+    # backend finds that out before it rearranges V for that kernel, and says so once in the log.
+    from flashdispatch.backends import fp8_hopper
+    from flashdispatch.backends.fp8_hopper import hopper
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(fp8_hopper, "_gluon_reasons", lambda problem: [])
+    calls = []
+    monkeypatch.setattr(fp8_hopper, "rearrange_v", lambda v: calls.append("rearrange_v"))
+    monkeypatch.setattr(hopper, "forward", lambda *args, **kwargs: calls.append("hopper.forward"))
+    (q8, k8, v8), descales = _fp8_inputs(hq=4, hkv=2, nq=40, nk=70)
+    k8 = k8[:, :1].expand(1, 2, 70, 64)
+    with caplog.at_level("WARNING", logger="flashdispatch"):
+        for _ in range(2):
+            out = attention(q8, k8, v8, q_descale=descales[0], k_descale=descales[1], v_descale=descales[2],
+                            backend="fp8-hopper")
+    assert calls == []
+    warnings = [r.getMessage() for r in caplog.records if "TMA cannot read" in r.getMessage()]
+    assert warnings == ["fp8-hopper: the portable kernel, slower, runs this call: TMA cannot read k: its strides "
+                        "(8960, 0, 64, 1) are not all positive multiples of 16 bytes"]
+    ref, _, plain = _reference(q8, k8.contiguous(), v8, descales, False)
+    err, base = (out.double() - ref).abs().max().item(), (plain.double() - ref).abs().max().item()
+    assert err <= 10 * base + 1e-2, (err, base)  # the interpreter's float8 rounding: see the test above
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test: for machines without a GPU")
@@ -295,10 +327,15 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_
 @pytest.mark.parametrize("d, causal, kernel_layout", [(64, False, False), (128, True, False), (128, False, True),
                                                       (256, False, True)])
 def test_gpu_fp8_meets_the_fp8_rule(d, causal, kernel_layout):
+    from flashdispatch.backends.fp8_hopper import hopper
+    from flashdispatch.conformance import poisoned
+
     (q8, k8, v8), descales = _fp8_inputs(2, 8, 2, 300, 517, d, device="cuda", seed=d)
-    torch.full((2, 8, 300, d), float("nan"), dtype=torch.bfloat16, device="cuda")  # poison the next output
-    out, lse = attention(q8, k8, to_kernel_layout(v8) if kernel_layout else v8, causal=causal, q_descale=descales[0], k_descale=descales[1],
-                         v_descale=descales[2], return_lse=True)
+    v = to_kernel_layout(v8) if kernel_layout else v8
+    with poisoned("cuda"):  # every allocation starts NaN: rows the kernel misses show
+        out, lse = attention(q8, k8, v, causal=causal, q_descale=descales[0], k_descale=descales[1],
+                             v_descale=descales[2], return_lse=True)
+    assert hopper._failure is None  # the Gluon kernel ran, not the portable one after a failure
     ref, ref_lse, plain = _reference(q8, k8, v8, descales, causal)
     err, base = (out.double() - ref).abs().max().item(), (plain.double() - ref).abs().max().item()
     assert err <= 2 * base + 1e-3 * ref.abs().max().item(), (err, base)
@@ -306,7 +343,7 @@ def test_gpu_fp8_meets_the_fp8_rule(d, causal, kernel_layout):
     top = (ref_lse.masked_fill(ref_lse.isinf(), 0).abs().max().item())
     assert not lse.isnan().any() and (lse.double() - ref_lse).abs().nan_to_num(0.0).max() <= 2e-3 * max(1.0, top)
     notes = " ".join(explain(q8, k8, v8, causal=causal).notes["fp8-hopper"])
-    assert "FP8 matmuls" in notes and "forward only" in notes
+    assert "FP8 matmuls" in notes and "forward only" in notes and "kernel: the warp-specialized Gluon one" in notes
 
 
 @pytest.mark.gpu
@@ -431,7 +468,7 @@ def test_the_kernel_note_names_the_gluon_kernel_or_why_not(monkeypatch):
 
     from flashdispatch.backends import fp8_hopper
 
-    monkeypatch.setattr(fp8_hopper, "_interpreting", lambda: False)
+    monkeypatch.setattr(fp8_hopper, "triton_interpreting", lambda: False)
     (q8, k8, v8), descales = _fp8_inputs(d=128)
     on_gpu = dataclasses.replace(build_problem(q8, k8, v8, descales=descales), device_type="cuda")
     assert fp8_hopper._kernel_note(on_gpu).startswith("kernel: the warp-specialized Gluon one (hopper.py)")

@@ -330,6 +330,12 @@ def _hopper_layout(v8: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def test_quantize_refuses_more_batch_x_heads_than_its_grid_takes():
+    x = torch.empty(2, 40000, 1, 64, dtype=torch.float16, device="meta")
+    with pytest.raises(ValueError, match=r"x: batch x heads = 80000: at most 65535"):
+        quantize(x, 128)
+
+
 @needs_kernel
 @pytest.mark.parametrize("interpret", [True, False])
 def test_rearrange_v_copies_e4m3_bytes_into_the_hopper_kernels_layout(monkeypatch, interpret):
@@ -341,8 +347,13 @@ def test_rearrange_v_copies_e4m3_bytes_into_the_hopper_kernels_layout(monkeypatc
     elif not interpret:
         pytest.skip("the PyTorch path is the CPU's without the interpreter")
     empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: empty(*args, **kwargs).fill_(0x5A)
-                        if kwargs.get("dtype") in (FP8, torch.uint8) else empty(*args, **kwargs))
+    def poisoned_empty(*args, **kwargs):  # byte 0x5A (e4m3 208.0) wherever nothing is written
+        t = empty(*args, **kwargs)
+        if kwargs.get("dtype") in (FP8, torch.uint8):
+            t.view(torch.uint8).fill_(0x5A)
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
     g = torch.Generator().manual_seed(3)
     bshd = (torch.randn(2, 37, 3, 64, generator=g) * 3).to(FP8)
     bshd.view(torch.uint8)[:, 0, :, 1] = 0xFF  # a NaN in every head

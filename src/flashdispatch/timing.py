@@ -16,10 +16,10 @@ GPU_BUSY_CYCLES = 1_000_000  # about 0.5 ms at 2 GHz: longer than any launch pat
 
 def median_time(fn, device, warmup: int = 3, repeats: int = 20, flush_l2: bool = True,
                 hide_host: bool = False, warm_seconds: float = 0.0) -> float:
-    """Median seconds of `fn()` over `repeats` runs after `warmup` runs, then more runs until
-    `warm_seconds` have passed (for benchmarks: on an H100 the first case timed right after
-    seconds of compiling has measured 2-7x slow with 3 warm-up runs alone, we believe because
-    the idle GPU's clock was not yet back up).
+    """Median seconds of `fn()` over `repeats` timed runs. Before them, untimed: `warmup` runs,
+    then more until `warm_seconds` have passed (for benchmarks: on an H100 the first case timed
+    right after seconds of compiling has measured 2-7x slow with 3 warm-up runs alone, we believe
+    because the idle GPU's clock was not yet back up).
 
     On a GPU each run is timed by CUDA events around the call alone. With `flush_l2`, a buffer
     larger than the L2 cache is read before each run, so that inputs come from memory as they

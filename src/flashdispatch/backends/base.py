@@ -18,6 +18,20 @@ from ..dispatcher.problem import Problem
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second (and third) axis, where kernels put batch x heads
 
 
+def triton_grid_reasons(problem: Problem) -> list[str]:
+    """The limits shared by the Triton kernels: batch x query heads on the grid's second axis, and
+    32-bit element offsets (a tensor of 2^31 elements or more would wrap them)."""
+    reasons = []
+    if problem.batch * problem.heads_q > MAX_GRID_Y:
+        reasons.append(f"batch x query heads = {problem.batch * problem.heads_q}: at most {MAX_GRID_Y} "
+                       f"(the kernels' second grid axis)")
+    elements = max(problem.total_q * problem.heads_q, problem.total_k * problem.heads_kv) * max(
+        problem.head_dim, problem.head_dim_v)
+    if elements >= 2**31:
+        reasons.append(f"a tensor of {elements} elements: under 2^31 only (the kernels' offsets are 32-bit)")
+    return reasons
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 

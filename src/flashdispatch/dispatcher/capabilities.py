@@ -88,13 +88,18 @@ class Capabilities:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in self.rows())
 
 
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1) in this process."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _triton_status(has_gpu: bool) -> Toolchain:
     try:
         import triton
     except Exception as exc:  # noqa: BLE001 - any import failure means "not here"
         return Toolchain("triton", False, None, f"does not import: {type(exc).__name__}: {exc}")
     version = getattr(triton, "__version__", None)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interpreting():
         return Toolchain("triton", True, version, "TRITON_INTERPRET=1: kernels run in the CPU interpreter")
     if not has_gpu:
         return Toolchain("triton", False, version, "imports, but there is no CUDA GPU to compile for")

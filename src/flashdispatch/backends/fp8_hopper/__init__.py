@@ -10,7 +10,8 @@ Two ways in:
 - float8_e4m3fn q, k, v (pre-quantized) with optional float32 (B, Hkv) descales, as
   FlashAttention-3 takes them. V is rearranged in each call into the layout the kernel reads
   (transposed; for the Hopper kernel with its keys permuted), unless it comes from
-  `to_kernel_layout`. The output is bfloat16.
+  `to_kernel_layout` (the Hopper kernel then reads it as it is; the portable one still copies it
+  back into key order). The output is bfloat16.
 
 Two kernels: `hopper.py` (Gluon, warp-specialized, D 64, 128 and 256) and `kernel.py` (Triton:
 the CPU interpreter, and whatever the first cannot take). Both change the numerics (FP8 rounds Q,
@@ -21,14 +22,15 @@ QGMMA). Forward only: there is no FP8 backward.
 
 from __future__ import annotations
 
-import os
+import functools
+import logging
 
 import torch
 
-from ...dispatcher.capabilities import Capabilities
+from ...dispatcher.capabilities import Capabilities, triton_interpreting
 from ...dispatcher.problem import FP8_DTYPE, Problem
-from ..base import MAX_GRID_Y, Backend, Support, from_bhsd, to_bhsd
-from .quantize import permute_keys, rearrange_v
+from ..base import Backend, Support, from_bhsd, to_bhsd, triton_grid_reasons
+from .quantize import padded_length, permute_keys, rearrange_v
 
 SUPPORT = Support(
     dtypes=(torch.float16, torch.bfloat16, FP8_DTYPE),
@@ -58,13 +60,21 @@ def tiles(head_dim: int, causal: bool) -> tuple[int, int, int, int]:
 
 def _gluon_reasons(problem: Problem) -> list[str]:
     """Why the Gluon kernel (`hopper.py`) does not take this problem (empty: it does)."""
-    if problem.device_type != "cuda" or _interpreting():
+    if problem.device_type != "cuda" or triton_interpreting():
         return ["it runs on CUDA GPUs only, not in Triton's interpreter"]
+    hopper, failure = _hopper_module()
+    return [failure] if hopper is None else hopper.problem_reasons(problem)
+
+
+@functools.lru_cache(maxsize=1)
+def _hopper_module():
+    """(the `hopper` module, None), or (None, why it does not import): tried once, since a failed
+    import is not cached by Python and selection asks on every call."""
     try:
         from . import hopper
     except Exception as exc:  # noqa: BLE001 - Gluon is experimental: a Triton without it runs kernel.py
-        return [f"this Triton has no Gluon for it ({type(exc).__name__}: {exc})"[:200]]
-    return hopper.problem_reasons(problem)
+        return None, f"this Triton has no Gluon for it ({type(exc).__name__}: {exc})"[:200]
+    return hopper, None
 
 
 def _warp_specialized(problem: Problem) -> bool:
@@ -75,8 +85,11 @@ def _warp_specialized(problem: Problem) -> bool:
 def _kernel_note(problem: Problem) -> str:
     reasons = _gluon_reasons(problem)
     if not reasons:
-        return ("kernel: the warp-specialized Gluon one (hopper.py), or the portable one where TMA cannot address "
-                "the tensors (a base or stride not a multiple of 16 bytes)")
+        if problem.dtype != FP8_DTYPE:
+            return "kernel: the warp-specialized Gluon one (hopper.py)"
+        return ("kernel: the warp-specialized Gluon one (hopper.py), or the portable one, slower, where TMA cannot "
+                "read q or k (data not starting at a multiple of 16 bytes, a stride that is zero or not a multiple of "
+                "16 bytes, or a last dim that is not contiguous; logged once)")
     return f"kernel: the portable Triton one (kernel.py), slower: the Gluon one does not take this: {'; '.join(reasons)}"
 
 
@@ -85,10 +98,7 @@ def quantization_blocks(problem: Problem) -> tuple[int, int]:
     return hopper_tile() if _warp_specialized(problem) else tiles(problem.head_dim, problem.causal)[:2]
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
+log = logging.getLogger("flashdispatch")
 _signs: dict[tuple, torch.Tensor] = {}  # (head dim, seed, device) -> the rotation's signs
 
 
@@ -128,7 +138,7 @@ class Fp8HopperBackend(Backend):
 
     def extra_reasons(self, problem: Problem, caps: Capabilities) -> list[str]:
         reasons = []
-        if problem.device_type == "cpu" and not _interpreting():
+        if problem.device_type == "cpu" and not triton_interpreting():
             reasons.append("runs on the CPU only in Triton's interpreter (TRITON_INTERPRET=1), for tests")
         if problem.device_type == "cuda" and caps.compute_capability is not None and caps.compute_capability[0] != 9:
             major, minor = caps.compute_capability
@@ -137,10 +147,7 @@ class Fp8HopperBackend(Backend):
             reasons.append("bfloat16 inputs are wrong in Triton's CPU interpreter (3.4-3.9); float16 and float8 work")
         if problem.head_dim not in HEAD_DIMS:
             reasons.append(f"head_dim {problem.head_dim} not supported (supports {', '.join(map(str, HEAD_DIMS))})")
-        if problem.batch * problem.heads_q > MAX_GRID_Y:
-            reasons.append(f"batch x query heads = {problem.batch * problem.heads_q}: at most {MAX_GRID_Y} "
-                           f"(the kernels' second grid axis)")
-        return reasons
+        return reasons + triton_grid_reasons(problem)
 
     def notes(self, problem: Problem, caps: Capabilities) -> list[str]:
         from ...dispatcher.policy import active_policy
@@ -174,6 +181,9 @@ def _run(q, k, v, descales, v_in_kernel_layout, problem, warp_specialized):
     if problem.dtype == FP8_DTYPE:
         out_dtype = torch.bfloat16
         q8, k8 = q, k
+        if warp_specialized and (why := _unaddressable(q8, k8)):
+            _log_once(f"fp8-hopper: the portable kernel, slower, runs this call: TMA cannot read {why}")
+            return None
         vt8 = _v_transposed(v, v_in_kernel_layout, warp_specialized)
     else:
         from .quantize import quantize
@@ -197,6 +207,26 @@ def _run(q, k, v, descales, v_in_kernel_layout, problem, warp_specialized):
         ones = torch.ones(1, 1, dtype=torch.float32, device=q.device).expand(problem.batch, problem.heads_kv)
         descales = tuple(ones if d is None else d for d in descales)
     return hopper.forward(q8, k8, vt8, descales, problem.group_size if per_head else 1, out_dtype, problem)
+
+
+def _unaddressable(q8: torch.Tensor, k8: torch.Tensor) -> str | None:
+    """Why the Gluon kernel's TMA cannot read pre-quantized q8 or k8 ("q: ..."), or None. (V always
+    reaches it in a layout of its own, and quantized inputs are fresh tensors.)"""
+    from .hopper import unaddressable
+
+    for name, t in (("q", q8), ("k", k8)):
+        if why := unaddressable(t):
+            return f"{name}: {why}"
+    return None
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.warning(message)
 
 
 def hopper_tile() -> tuple[int, int]:
@@ -227,9 +257,11 @@ def to_kernel_layout(v: torch.Tensor) -> torch.Tensor:
     N, D) view of V^T ((B, Hkv, D, N_pad) memory, N contiguous, zero-padded to a multiple of 16)
     with each 16-key group in the order the Hopper kernel multiplies P by V in. Pass it, as
     returned, as `v` to attention() (layout="bhsd") with the same descales: each call then skips
-    the rearrangement of V (a V that stays fixed over calls: a prompt's cache, a benchmark). It is
-    read-only: rearrange again after changing V. Other V tensors are rearranged in each call
-    (`quantize.rearrange_v`, which also checks v: e4m3, 4-d, a power-of-two head dim of 16 or more)."""
+    the rearrangement of V (a V that stays fixed over calls: a prompt's cache, a benchmark) where
+    the Hopper kernel runs; the portable kernel (`kernel.py`) copies it back into key order in each
+    call. It is read-only: rearrange again after changing V. Other V tensors are rearranged in each
+    call (`quantize.rearrange_v`, which also checks v: e4m3, 4-d, a power-of-two head dim of 16 or
+    more)."""
     view = rearrange_v(v).transpose(2, 3)[:, :, :v.shape[2]].as_subclass(KernelLayoutV)
     view._made = _identity(view)
     return view
@@ -274,7 +306,7 @@ def _v_transposed(v: torch.Tensor, in_kernel_layout: bool, warp_specialized: boo
     seqlen = v.shape[2]
     if in_kernel_layout:
         vt = vt.as_subclass(torch.Tensor)  # a KernelLayoutV where the backend is called directly
-        vt = vt.as_strided((*vt.shape[:3], -(-seqlen // 16) * 16), vt.stride())
+        vt = vt.as_strided((*vt.shape[:3], padded_length(seqlen)), vt.stride())
         return vt if warp_specialized else permute_keys(vt, inverse=True)[..., :seqlen]
     if warp_specialized:
         return rearrange_v(v)

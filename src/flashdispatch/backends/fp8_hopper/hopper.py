@@ -387,13 +387,27 @@ def problem_reasons(problem) -> list[str]:
     return reasons
 
 
-def _descriptor(t: torch.Tensor, block: list[int]):
-    """A descriptor over the 4-d e4m3 tensor t in `block`s, or None where TMA cannot address it (an
-    empty dim, a non-unit last stride, a base or stride not a multiple of 16 bytes)."""
+def unaddressable(t: torch.Tensor) -> str | None:
+    """Why TMA cannot address the 4-d e4m3 tensor t, or None where it can."""
     # The stride of a dimension of size 1 never moves the address: any aligned value will do.
     strides = [x if n > 1 else 16 for x, n in zip(t.stride(), t.shape)]
-    if 0 in t.shape or strides[3] != 1 or t.data_ptr() % 16 or any(x <= 0 or x % 16 for x in strides[:3]):
+    if 0 in t.shape:
+        return "it is empty"
+    if strides[3] != 1:
+        return "its last dim is not contiguous"
+    if t.data_ptr() % 16:
+        return "its data does not start at a multiple of 16 bytes"
+    if any(x <= 0 or x % 16 for x in strides[:3]):
+        return f"its strides {tuple(t.stride())} are not all positive multiples of 16 bytes"
+    return None
+
+
+def _descriptor(t: torch.Tensor, block: list[int]):
+    """A descriptor over the 4-d e4m3 tensor t in `block`s, or None where TMA cannot address it
+    (`unaddressable`)."""
+    if unaddressable(t):
         return None
+    strides = [x if n > 1 else 16 for x, n in zip(t.stride(), t.shape)]
     return TensorDescriptor(t, list(t.shape), strides, block, _shared_layout(tuple(block)))
 
 

@@ -51,10 +51,10 @@ rotation the kernel's bytes and descales equal the reference's exactly.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from ...dispatcher.capabilities import triton_interpreting
 from ..base import MAX_GRID_Y
 
 try:
@@ -150,7 +150,8 @@ def _check(x: torch.Tensor, block_rows: int, signs) -> None:
         raise ValueError(f"signs: expected shape ({x.shape[-1]},), got {tuple(signs.shape)}")
 
 
-def _padded(seqlen: int) -> int:
+def padded_length(seqlen: int) -> int:
+    """The transposed layout's row length for seqlen keys: rounded up to a multiple of PAD."""
     return -(-seqlen // PAD) * PAD
 
 
@@ -190,7 +191,7 @@ def quantize_reference(x, block_rows: int, signs=None, transpose: bool = False, 
     y8 = (tiles / scale[..., None, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     y8 = y8.view(batch, heads, blocks * block_rows, head_dim)[:, :, :seqlen]
     if transpose:
-        out = torch.zeros(batch, heads, head_dim, _padded(seqlen), dtype=FP8, device=x.device)
+        out = torch.zeros(batch, heads, head_dim, padded_length(seqlen), dtype=FP8, device=x.device)
         out[..., :seqlen] = y8.transpose(2, 3)
         if key_order:
             out = permute_keys(out)
@@ -370,8 +371,11 @@ def quantize(x, block_rows: int, signs=None, transpose: bool = False, key_order:
     if key_order and not transpose:
         raise ValueError("key_order: applies to the transposed layout only (transpose=True)")
     batch, heads, seqlen, head_dim = x.shape
+    if batch * heads > MAX_GRID_Y:
+        raise ValueError(f"x: batch x heads = {batch * heads}: at most {MAX_GRID_Y} (the kernel's second grid axis), "
+                         f"got shape {tuple(x.shape)}")
     blocks = triton.cdiv(seqlen, block_rows)
-    n16 = _padded(seqlen) // PAD
+    n16 = padded_length(seqlen) // PAD
     if transpose:
         out = torch.empty(batch, heads, head_dim, n16 * PAD, dtype=FP8, device=x.device)
     else:
@@ -403,9 +407,9 @@ def rearrange_v(v: torch.Tensor) -> torch.Tensor:
     batch, heads, seqlen, head_dim = v.shape
     if not _power_of_two(head_dim) or head_dim < PAD:
         raise ValueError(f"v: head dim must be a power of two >= {PAD}, got shape {tuple(v.shape)}")
-    n16 = _padded(seqlen) // PAD
+    n16 = padded_length(seqlen) // PAD
     kernel_runs = triton is not None and batch * heads <= MAX_GRID_Y and (
-        v.is_cuda or (v.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"))
+        v.is_cuda or (v.device.type == "cpu" and triton_interpreting()))
     if not kernel_runs:
         out = torch.zeros(batch, heads, head_dim, n16 * PAD, dtype=FP8, device=v.device)
         out[..., :seqlen] = v.transpose(2, 3)

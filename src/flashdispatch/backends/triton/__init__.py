@@ -28,14 +28,13 @@ keep float32-level accuracy; plain TF32 would not.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
-from ...dispatcher.capabilities import Capabilities, capabilities
+from ...dispatcher.capabilities import Capabilities, capabilities, triton_interpreting
 from ...dispatcher.problem import Problem
-from ..base import MAX_GRID_Y, Backend, Support
+from ..base import Backend, Support, triton_grid_reasons
 from .configs import TUNER, Config, candidates, hopper_reasons
 from .launcher import Launcher
 
@@ -58,10 +57,6 @@ DECODE_MAX_QUERIES = 16  # forward problems up to this many queries take the dec
 # Split-KV decoding: enough programs for this many per SM, each with at least this many key blocks.
 DECODE_PROGRAMS_PER_SM = 4
 DECODE_MIN_BLOCKS_PER_SPLIT = 2
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _strides(t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
@@ -256,19 +251,11 @@ class TritonBackend(Backend):
         return []
 
     def extra_reasons(self, problem: Problem, caps: Capabilities) -> list[str]:
-        if problem.device_type == "cpu" and not _interpreting():
+        if problem.device_type == "cpu" and not triton_interpreting():
             return ["runs on the CPU only in Triton's interpreter (TRITON_INTERPRET=1), for tests"]
         if problem.device_type == "cpu" and problem.dtype == torch.bfloat16:
             return ["bfloat16 dots are wrong in Triton's CPU interpreter (3.4-3.9)"]
-        reasons = []
-        if problem.batch * problem.heads_q > MAX_GRID_Y:
-            reasons.append(f"batch x query heads = {problem.batch * problem.heads_q}: at most {MAX_GRID_Y} "
-                           f"(the kernels' second grid axis)")
-        elements = max(problem.total_q * problem.heads_q, problem.total_k * problem.heads_kv) * max(
-            problem.head_dim, problem.head_dim_v)
-        if elements >= 2**31:
-            reasons.append(f"a tensor of {elements} elements: under 2^31 only (the kernels' offsets are 32-bit)")
-        return reasons
+        return triton_grid_reasons(problem)
 
     def notes(self, problem: Problem, caps: Capabilities) -> list[str]:
         kernels = ["decode" if _decoding(problem) else "forward"] + (["dkdv", "dq"] if problem.needs_grad else [])
@@ -292,7 +279,7 @@ class TritonBackend(Backend):
         caps = capabilities(device)
         layout = problem.layout
         decoding = _decoding(problem)
-        interpreting = _interpreting()
+        interpreting = triton_interpreting()
         if not problem.varlen:
             cu_seqlens_q = cu_seqlens_k = _empty_int32(device)
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ...cache import cache_dir, write_atomically
-from ...dispatcher.capabilities import Capabilities
+from ...dispatcher.capabilities import Capabilities, triton_interpreting
 from ...dispatcher.problem import Problem
 from ...timing import median_time
 
@@ -125,7 +125,7 @@ def _length_bucket(n: int) -> int:
 
 
 def candidates(kernel: str, problem: Problem, caps: Capabilities) -> list[Config]:
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interpreting():
         return [INTERPRETER]
     if problem.dtype == torch.float32:
         return [FLOAT32]
@@ -269,7 +269,7 @@ class Tuner:
 
     def _tune(self, kernel: str, problem: Problem, caps: Capabilities, launch) -> Choice:
         options = candidates(kernel, problem, caps)
-        if os.environ.get("TRITON_INTERPRET") == "1":
+        if triton_interpreting():
             return Choice(options[0], "the interpreter's configuration")
         autotune = os.environ.get("FLASHDISPATCH_TRITON_AUTOTUNE", "1") != "0"
         if len(options) > 1 and autotune:
