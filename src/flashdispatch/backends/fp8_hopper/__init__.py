@@ -147,7 +147,7 @@ class Fp8HopperBackend(Backend):
             reasons.append("bfloat16 inputs are wrong in Triton's CPU interpreter (3.4-3.9); float16 and float8 work")
         if problem.head_dim not in HEAD_DIMS:
             reasons.append(f"head_dim {problem.head_dim} not supported (supports {', '.join(map(str, HEAD_DIMS))})")
-        return reasons + triton_grid_reasons(problem)
+        return reasons + triton_grid_reasons(problem, per_head_offsets=True)
 
     def notes(self, problem: Problem, caps: Capabilities) -> list[str]:
         from ...dispatcher.policy import active_policy

@@ -286,8 +286,11 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
             o = warpgroup_mma_wait(0, deps=(o,))
         _named_arrive(FREE_ID + STAGES + last % STAGES, FREE_THREADS)
 
-    _write_rows(o, row_max, row_sum, v_scale, rows, m0 + ME * ROWS, seqlen_q, Out + b * stride_ob + h * stride_oh,
-                stride_om, Lse + b * stride_lb + h * stride_lh, P_SHIFT, HEAD_DIM, o_layout)
+    # int64 offsets: B * H * N * D may pass 2^31 elements (a head's N * D may not: the backend checks).
+    b64 = b.to(gl.int64)
+    h64 = h.to(gl.int64)
+    _write_rows(o, row_max, row_sum, v_scale, rows, m0 + ME * ROWS, seqlen_q, Out + b64 * stride_ob + h64 * stride_oh,
+                stride_om, Lse + b64 * stride_lb + h64 * stride_lh, P_SHIFT, HEAD_DIM, o_layout)
 
 
     return uses + num_blocks, queries + (num_blocks > 0).to(gl.int32)

@@ -81,7 +81,8 @@ def fp8_attention_forward(
         CAUSAL: tl.constexpr):
     # Grid: (query blocks, batch x query heads).
     m_block = tl.program_id(0)
-    bh = tl.program_id(1)
+    # int64 offsets: B * H * N * D may pass 2^31 elements (a head's N * D may not: the backend checks).
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // heads_q
     h = bh % heads_q
     h_kv = h // group
