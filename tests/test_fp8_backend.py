@@ -454,22 +454,15 @@ for head_dim, causal, sum_mma in ((128, False, False), (64, True, False), (256, 
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
     src = GluonASTSource(fn=fn, signature=signature,
                          constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-<<<<<<< HEAD
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                         options=dict(num_warps=hopper.NUM_WARPS, maxnreg=hopper.MAX_REGISTERS)).asm["ptx"]
-    case = (head_dim, causal, sum_mma)
-    # FP8 wgmma, both products: S (N = keys), P V (N = head dim), and P x ones (N = 8) for SUM_MMA
-    for n in (hopper.BLOCK_N, head_dim, 8) if sum_mma else (hopper.BLOCK_N, head_dim):
-=======
     asm = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=hopper.NUM_WARPS, maxnreg=hopper.MAX_REGISTERS)).asm
     ptx = asm["ptx"]
-    case = (head_dim, causal)
+    case = (head_dim, causal, sum_mma)
     # A (batch, head)'s start in Out and Lse in 64 bits: B * H * N * D may pass 2^31.
     for name, dtype in (("Out", "bf16"), ("Lse", "f32")):
         assert re.search(rf"tt\.addptr %{name}, %\w+ : !tt\.ptr<{dtype}>, i64", asm["ttgir"]), (name, case)
-    for n in (hopper.BLOCK_N, head_dim):  # FP8 wgmma, both products: S (N = keys), P V (N = head dim)
->>>>>>> wip/fp8-int64
+    # FP8 wgmma, both products: S (N = keys), P V (N = head dim), and P x ones (N = 8) for SUM_MMA
+    for n in (hopper.BLOCK_N, head_dim, 8) if sum_mma else (hopper.BLOCK_N, head_dim):
         assert f"wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3" in ptx, case
     # P V (and P x ones) left in flight under the softmax
     assert f"wgmma.wait_group.sync.aligned {2 if sum_mma else 1}" in ptx, case
