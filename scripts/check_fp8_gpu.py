@@ -296,13 +296,14 @@ def main() -> int:
     parser.add_argument("--step-keys", type=int, help="the Gluon kernel's keys a step at D = 128 (hopper.STEP_KEYS), "
                         "for every part: 192 for steps of two score tiles")
     parser.add_argument("--sum-mma", action="store_true", help="the Gluon kernel's row sums on the tensor cores "
-                        "(hopper.SUM_MMA), for every part")
+                        "at D = 64 and 128 (hopper.SUM_MMA), for every part")
     args = parser.parse_args()
     from flashdispatch.backends.fp8_hopper import hopper
 
     if args.step_keys:
         hopper.STEP_KEYS = {**hopper.STEP_KEYS, 128: args.step_keys}
-    hopper.SUM_MMA = hopper.SUM_MMA or args.sum_mma
+    if args.sum_mma:
+        hopper.SUM_MMA = (64, 128)
     if args.part == "plot":
         return plot(args.log, args.out)
     if args.part == "speed":

@@ -386,7 +386,7 @@ def check_and_time(configs, d) -> None:
 
     # The baseline, "shipped", is main's kernel: one program per tile, row sums by FADD (this
     # branch's hopper.PERSISTENT and SUM_MMA are measured by scripts/sweep_fp8_gluon.py).
-    hopper.PERSISTENT, hopper.SUM_MMA = (), False
+    hopper.PERSISTENT, hopper.SUM_MMA = (), ()
     fp8 = torch.float8_e4m3fn
     for b, h, n, causal in ((1, 4, 1000, False), (2, 4, 1337, True), (1, 2, 200, True)):  # ragged ends, causal
         q8, k8, v8 = (torch.randn(b, h, n, d, device="cuda").to(fp8) for _ in range(3))

@@ -36,8 +36,8 @@ def main() -> None:
     parser.add_argument("--fma-shares", default=str(hopper.FMA_SHARE),
                         help="comma-separated hopper.FMA_SHARE values to time the Gluon kernel at")
     parser.add_argument("--stages", default=str(hopper.STAGES), help="comma-separated hopper.STAGES values")
-    parser.add_argument("--sum-mma", default=str(int(hopper.SUM_MMA)),
-                        help="comma-separated hopper.SUM_MMA values (0 or 1: the row sums on the tensor cores)")
+    parser.add_argument("--sum-mma", default="0",
+                        help="comma-separated 0 or 1: the row sums on the tensor cores (hopper.SUM_MMA) at the head dim")
     parser.add_argument("--persistent", default="1",
                         help="comma-separated 0 (one program per tile) or 1 (one per SM at hopper.PERSISTENT's head dims)")
     parser.add_argument("--step-keys", default="",
@@ -56,11 +56,12 @@ def main() -> None:
         rates = []
         baseline = None  # the first setting's (out, lse): a sanity check of the others
         defaults = hopper.STAGES, hopper.FMA_SHARE, hopper.SUM_MMA, hopper.PERSISTENT, dict(hopper.STEP_KEYS)
-        for hopper.STAGES, hopper.FMA_SHARE, hopper.SUM_MMA, persistent, keys in settings:
+        for hopper.STAGES, hopper.FMA_SHARE, sum_mma, persistent, keys in settings:
+            hopper.SUM_MMA = (d,) if sum_mma else ()
             hopper.PERSISTENT = defaults[3] if persistent else ()
             hopper.STEP_KEYS = {**defaults[4], d: keys or defaults[4][d]}
             name = (f"gluon[{hopper.step_keys(d)} keys, {hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE}"
-                    f"{', sums on TC' if hopper.SUM_MMA else ''}"
+                    f"{', sums on TC' if sum_mma else ''}"
                     f"{', persistent' if d in hopper.PERSISTENT and not causal else ''}]")
             result = hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem)
             if result is None:

@@ -59,7 +59,9 @@ FMA_SHARE = 4  # 1 / FMA_SHARE of the exponentials on the FMA pipe (0: none), `_
 # it piles up (4k keys, 2048 tiles: 288 key blocks for programs p = 0 mod 4, 240 for p = 3 mod 4),
 # where one program per tile lets the hardware hand the next tile to whichever SM is free.
 PERSISTENT = (64, 128)
-SUM_MMA = False  # the row sums on the tensor cores (P times ones), not by FADD: an experiment (wip/fp8-two-tiles)
+# Head dims whose row sums run on the tensor cores (P times ones), not by FADD: an experiment. Not
+# D = 256, whose kernel is bound by the tensor cores already.
+SUM_MMA = ()
 NUM_WARPS = 4  # the first consumer warpgroup; the second and the producer warp are worker partitions
 MAX_REGISTERS = 168
 # Scales are kept at or above float32's smallest normal number: a zero descale (FlashAttention-3's
@@ -607,7 +609,7 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
                *(s for descale in descales for s in _block_strides(descale)),
                seqlen_q, problem.seqlen_k, heads_q, problem.group_size, q_scale_group, problem.scale * LOG2E,
                batch * heads_q, CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=keys, STAGES=STAGES, FMA_SHARE=FMA_SHARE,
-               SUM_MMA=SUM_MMA, PERSISTENT=persistent, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
+               SUM_MMA=d in SUM_MMA, PERSISTENT=persistent, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
     except Exception as exc:  # noqa: BLE001 - fall back to the portable kernel, say so once
         if compile_only:
             raise
