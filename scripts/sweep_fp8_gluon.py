@@ -42,10 +42,13 @@ def main() -> None:
                         help="comma-separated 0 (one program per tile) or 1 (one per SM at hopper.PERSISTENT's head dims)")
     parser.add_argument("--step-keys", default="",
                         help="comma-separated keys a step (hopper.STEP_KEYS; 192: two score tiles); default the kernel's")
+    parser.add_argument("--kv-block-descales", default="0",
+                        help="comma-separated 0 (one K and V descale per head, as pre-quantized inputs have) or 1 (one "
+                        "per key step, as quantized ones have: the kernel's general path), all ones either way")
     parser.add_argument("--head-dims", default="128,64")
     args = parser.parse_args()
     settings = list(itertools.product(*([int(x) for x in arg.split(",")] for arg in (
-        args.stages, args.fma_shares, args.sum_mma, args.persistent, args.step_keys or "0"))))
+        args.stages, args.fma_shares, args.sum_mma, args.persistent, args.step_keys or "0", args.kv_block_descales))))
     head_dims = tuple(int(x) for x in args.head_dims.split(","))
     for d, n, causal, q, k, v, flops in prefill_cases(head_dims=head_dims, lengths=(4096, 16384)):
         q8, k8, v8 = (t.to(FP8) for t in (q, k, v))
@@ -56,20 +59,23 @@ def main() -> None:
         rates = []
         baseline = None  # the first setting's (out, lse): a sanity check of the others
         defaults = hopper.STAGES, hopper.FMA_SHARE, hopper.SUM_MMA, hopper.PERSISTENT, dict(hopper.STEP_KEYS)
-        for hopper.STAGES, hopper.FMA_SHARE, sum_mma, persistent, keys in settings:
+        for hopper.STAGES, hopper.FMA_SHARE, sum_mma, persistent, keys, kv_blocks in settings:
             hopper.SUM_MMA = (d,) if sum_mma else ()
             hopper.PERSISTENT = defaults[3] if persistent else ()
             hopper.STEP_KEYS = {**defaults[4], d: keys or defaults[4][d]}
             name = (f"gluon[{hopper.step_keys(d)} keys, {hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE}"
                     f"{', sums on TC' if sum_mma else ''}"
-                    f"{', persistent' if d in hopper.PERSISTENT and not causal else ''}]")
-            result = hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem)
+                    f"{', persistent' if d in hopper.PERSISTENT and not causal else ''}"
+                    f"{', K/V descales per step' if kv_blocks else ''}]")
+            steps = -(-n // hopper.step_keys(d))
+            descales = (ones, *(ones[:, :, None].expand(*ones.shape, steps) if kv_blocks else ones for _ in range(2)))
+            result = hopper.forward(q8, k8, vt, descales, 1, torch.bfloat16, problem)
             if result is None:
                 why = hopper._failure or "TMA cannot address the tensors"
                 rates.append(f"{name} fails ({why.splitlines()[0]})")
                 hopper._failure = None
                 continue
-            seconds = median_time(lambda: hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem), "cuda",
+            seconds = median_time(lambda: hopper.forward(q8, k8, vt, descales, 1, torch.bfloat16, problem), "cuda",
                                   warm_seconds=WARM_SECONDS)
             baseline = baseline or result
             rates.append(f"{name} {flops / seconds / 1e12:.0f} ({_difference(result, baseline)})")

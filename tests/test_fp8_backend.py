@@ -440,9 +440,9 @@ from triton.runtime.jit import mangle_type
 from flashdispatch.backends.fp8_hopper import hopper
 
 fn = hopper.fp8_hopper_forward
-cases = [(128, False, False, 128), (64, True, False, 128), (256, True, False, 128), (128, True, True, 128),
-         (128, True, False, 192), (128, False, True, 192)]  # 192 keys: steps of two score tiles
-for head_dim, causal, sum_mma, keys in cases:
+cases = [(128, False, False, 128, True), (64, True, False, 128, False), (256, True, False, 128, True),
+         (128, True, True, 128, False), (128, True, False, 192, True), (128, False, True, 192, False)]  # 192 keys: two tiles
+for head_dim, causal, sum_mma, keys, kv_block_scales in cases:
     tile_a, tile_b = hopper.step_tiles(keys)
     q = torch.empty(2, 4, 256, head_dim, dtype=torch.float8_e4m3fn)
     vt = torch.empty(2, 4, head_dim, 256, dtype=torch.float8_e4m3fn)
@@ -452,7 +452,7 @@ for head_dim, causal, sum_mma, keys in cases:
              "vt_desc": hopper._descriptor(vt, [1, 1, head_dim, tile_a]),
              "vtb_desc": hopper._descriptor(vt, [1, 1, head_dim, tile_b or tile_a])}
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper.BLOCK_M, BLOCK_N=keys,
-                      STAGES=hopper.STAGES, FMA_SHARE=hopper.FMA_SHARE, SUM_MMA=sum_mma,
+                      STAGES=hopper.STAGES, FMA_SHARE=hopper.FMA_SHARE, SUM_MMA=sum_mma, KV_BLOCK_SCALES=kv_block_scales,
                       PERSISTENT=head_dim in hopper.PERSISTENT and not causal)
     types = {"Out": "*bf16", "Lse": "*fp32", "QDescale": "*fp32", "KDescale": "*fp32", "VDescale": "*fp32",
              "scale_log2": "fp32", **{name: mangle_type(d) for name, d in descs.items()}}

@@ -315,11 +315,12 @@ def _step_softmax(s_a, s_b, row_max, row_sum, rows, n0, full_end, seqlen_k, shif
 @gluon.jit
 def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr,
                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  FMA_SHARE: gl.constexpr, SUM_MMA: gl.constexpr, ME: gl.constexpr):
+                  FMA_SHARE: gl.constexpr, SUM_MMA: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, ME: gl.constexpr):
     """Compute warpgroup ME's part of tile t: rows ME * 64 .. ME * 64 + 63 of its row block, key
     steps of BLOCK_N (one or two score tiles: `step_tiles`). uses: key steps used by this program
     so far (the n-th in ring slot n % STAGES, phase (n // STAGES) & 1); queries: tiles whose Q was
-    used. Returns both, counting this tile's."""
+    used. Returns both, counting this tile's. KV_BLOCK_SCALES: K's and V's descales change from step
+    to step (quantized here), else one per head (pre-quantized), read once."""
     q_smem, k_smem, kb_smem, vt_smem, vtb_smem, ones_smem, ones_b = smem
     q_ready, k_ready, v_ready = bars
     seqlen_q, seqlen_k, heads, group, tiles = geometry
@@ -377,8 +378,9 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
             n = uses + j
             slot = n % STAGES
             prev = (n - 1) % STAGES
-            qk_scale = gl.maximum(q_scale * gl.load(k_descale + j * stride_ksn), MIN_SCALE)
-            next_v_scale = gl.maximum(gl.load(v_descale + j * stride_vsn), MIN_SCALE)
+            if KV_BLOCK_SCALES:
+                qk_scale = gl.maximum(q_scale * gl.load(k_descale + j * stride_ksn), MIN_SCALE)
+                next_v_scale = gl.maximum(gl.load(v_descale + j * stride_vsn), MIN_SCALE)
             mbarrier.wait(k_ready.index(slot), (n // STAGES) & 1)
             mbarrier.wait(v_ready.index(prev), ((n - 1) // STAGES) & 1)
             # P_{j-1} packed first: its float32 registers are free before S_j takes its own.
@@ -399,9 +401,11 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
             else:
                 o = warpgroup_mma_wait(0, deps=(o,))
             _named_arrive(FREE_ID + STAGES + prev, FREE_THREADS)
-            # O moves to step j's max and to step j's V descale in one multiply.
-            o = o * gl.expand_dims(gl.convert_layout(alpha * (v_scale / next_v_scale), o_rows), 1)
-            v_scale = next_v_scale
+            if KV_BLOCK_SCALES:  # O moves to step j's max and to step j's V descale in one multiply
+                o = o * gl.expand_dims(gl.convert_layout(alpha * (v_scale / next_v_scale), o_rows), 1)
+                v_scale = next_v_scale
+            else:  # 40 instructions a step fewer (sm_90a SASS): the loads, and the division's
+                o = o * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
         _named_arrive(_q_free(STAGES), FREE_THREADS)  # every S of the tile is done: the next tile's Q may come
 
         # The last step's P V.
@@ -428,33 +432,33 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
 @gluon.jit
 def _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-              SUM_MMA: gl.constexpr, PERSISTENT: gl.constexpr, ME: gl.constexpr):
+              SUM_MMA: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, PERSISTENT: gl.constexpr, ME: gl.constexpr):
     """Compute warpgroup ME (0 or 1): the program's tile, or with PERSISTENT tile after tile."""
     if PERSISTENT:
         uses = 0
         queries = 0
         for t in range(gl.program_id(0), geometry[4], gl.num_programs(0)):
             uses, queries = _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM,
-                                          BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, SUM_MMA, ME)
+                                          BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, SUM_MMA, KV_BLOCK_SCALES, ME)
     else:
         _compute_tile(gl.program_id(0), 0, 0, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M,
-                      BLOCK_N, STAGES, FMA_SHARE, SUM_MMA, ME)
+                      BLOCK_N, STAGES, FMA_SHARE, SUM_MMA, KV_BLOCK_SCALES, ME)
 
 
 @gluon.jit
 def _first_consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-                    SUM_MMA: gl.constexpr, PERSISTENT: gl.constexpr):
+                    SUM_MMA: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, PERSISTENT: gl.constexpr):
     _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
-              SUM_MMA, PERSISTENT, 0)
+              SUM_MMA, KV_BLOCK_SCALES, PERSISTENT, 0)
 
 
 @gluon.jit
 def _second_consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-                     SUM_MMA: gl.constexpr, PERSISTENT: gl.constexpr):
+                     SUM_MMA: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, PERSISTENT: gl.constexpr):
     _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
-              SUM_MMA, PERSISTENT, 1)
+              SUM_MMA, KV_BLOCK_SCALES, PERSISTENT, 1)
 
 
 @gluon.jit
@@ -464,7 +468,8 @@ def fp8_hopper_forward(
     stride_qsb, stride_qsh, stride_qsm, stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     seqlen_q, seqlen_k, heads, group, q_scale_group, scale_log2, batch_heads,
     CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, FMA_SHARE: gl.constexpr, SUM_MMA: gl.constexpr, PERSISTENT: gl.constexpr,
+    STAGES: gl.constexpr, FMA_SHARE: gl.constexpr, SUM_MMA: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr,
+    PERSISTENT: gl.constexpr,
 ):
     """Grid: (programs,), each taking tiles (a row block of a (batch, query head)) program_id,
     program_id + programs, ... of the batch_heads x row blocks (`_tile`): as many programs as tiles,
@@ -515,9 +520,9 @@ def fp8_hopper_forward(
     outputs = (Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh)
     gl.warp_specialize([
         (_first_consumer, (descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                           FMA_SHARE, SUM_MMA, PERSISTENT)),
+                           FMA_SHARE, SUM_MMA, KV_BLOCK_SCALES, PERSISTENT)),
         (_second_consumer, (descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                            FMA_SHARE, SUM_MMA, PERSISTENT)),
+                            FMA_SHARE, SUM_MMA, KV_BLOCK_SCALES, PERSISTENT)),
         (_producer, (descs, smem, bars, geometry, CAUSAL, BLOCK_M, BLOCK_N, STAGES, PERSISTENT)),
     ], [4, 1], [240, 24])
 
@@ -609,7 +614,8 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
                *(s for descale in descales for s in _block_strides(descale)),
                seqlen_q, problem.seqlen_k, heads_q, problem.group_size, q_scale_group, problem.scale * LOG2E,
                batch * heads_q, CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=keys, STAGES=STAGES, FMA_SHARE=FMA_SHARE,
-               SUM_MMA=d in SUM_MMA, PERSISTENT=persistent, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
+               SUM_MMA=d in SUM_MMA, KV_BLOCK_SCALES=descales[1].dim() == 3 or descales[2].dim() == 3,
+               PERSISTENT=persistent, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
     except Exception as exc:  # noqa: BLE001 - fall back to the portable kernel, say so once
         if compile_only:
             raise
