@@ -50,7 +50,7 @@ P_SHIFT = gl.constexpr(8.0)  # the same 2^8 as kernel.P_SHIFT: small probabiliti
 BLOCK_M = 128  # also the quantization block of Q
 # Keys a step, per head dim: also the quantization block of K and V. A power of two is one score
 # tile; a sum of two (192 = 128 + 64) two tiles (`step_tiles`): Triton's shapes are powers of two.
-STEP_KEYS = {64: 128, 128: 128, 256: 128}
+STEP_KEYS = {64: 128, 128: 192, 256: 128}
 STAGES = 2
 FMA_SHARE = 4  # 1 / FMA_SHARE of the exponentials on the FMA pipe (0: none), `_exp2` in ../triton/hopper.py
 # Head dims with one program per SM, each taking tile after tile, not one program per tile: an
@@ -61,7 +61,7 @@ FMA_SHARE = 4  # 1 / FMA_SHARE of the exponentials on the FMA pipe (0: none), `_
 PERSISTENT = (64, 128)
 # Head dims whose row sums run on the tensor cores (P times ones), not by FADD: an experiment. Not
 # D = 256, whose kernel is bound by the tensor cores already.
-SUM_MMA = ()
+SUM_MMA = (128,)
 NUM_WARPS = 4  # the first consumer warpgroup; the second and the producer warp are worker partitions
 MAX_REGISTERS = 168
 # Scales are kept at or above float32's smallest normal number: a zero descale (FlashAttention-3's
