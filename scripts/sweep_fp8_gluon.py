@@ -41,7 +41,8 @@ def main() -> None:
     parser.add_argument("--persistent", default="1",
                         help="comma-separated 0 (one program per tile) or 1 (one per SM at hopper.PERSISTENT's head dims)")
     parser.add_argument("--step-keys", default="",
-                        help="comma-separated keys a step (hopper.STEP_KEYS; 192: two score tiles); default the kernel's")
+                        help="comma-separated keys a step, causal or not (hopper.STEP_KEYS, hopper.CAUSAL_STEP_KEYS; 192: "
+                        "two score tiles); default the kernel's")
     parser.add_argument("--kv-block-descales", default="0",
                         help="comma-separated 0 (one K and V descale per head, as pre-quantized inputs have) or 1 (one "
                         "per key step, as quantized ones have: the kernel's general path), all ones either way")
@@ -58,16 +59,18 @@ def main() -> None:
         vt = vt.as_strided((*vt.shape[:3], -(-n // 16) * 16), vt.stride())
         rates = []
         baseline = None  # the first setting's (out, lse): a sanity check of the others
-        defaults = hopper.STAGES, hopper.FMA_SHARE, hopper.SUM_MMA, hopper.PERSISTENT, dict(hopper.STEP_KEYS)
+        defaults = (hopper.STAGES, hopper.FMA_SHARE, hopper.SUM_MMA, hopper.PERSISTENT, dict(hopper.STEP_KEYS),
+                    dict(hopper.CAUSAL_STEP_KEYS))
         for hopper.STAGES, hopper.FMA_SHARE, sum_mma, persistent, keys, kv_blocks in settings:
             hopper.SUM_MMA = (d,) if sum_mma else ()
             hopper.PERSISTENT = defaults[3] if persistent else ()
             hopper.STEP_KEYS = {**defaults[4], d: keys or defaults[4][d]}
-            name = (f"gluon[{hopper.step_keys(d)} keys, {hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE}"
+            hopper.CAUSAL_STEP_KEYS = {**defaults[5], d: keys or defaults[5][d]}
+            name = (f"gluon[{hopper.step_keys(d, causal)} keys, {hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE}"
                     f"{', sums on TC' if sum_mma else ''}"
                     f"{', persistent' if d in hopper.PERSISTENT and not causal else ''}"
                     f"{', K/V descales per step' if kv_blocks else ''}]")
-            steps = -(-n // hopper.step_keys(d))
+            steps = -(-n // hopper.step_keys(d, causal))
             descales = (ones, *(ones[:, :, None].expand(*ones.shape, steps) if kv_blocks else ones for _ in range(2)))
             result = hopper.forward(q8, k8, vt, descales, 1, torch.bfloat16, problem)
             if result is None:
@@ -79,7 +82,8 @@ def main() -> None:
                                   warm_seconds=WARM_SECONDS)
             baseline = baseline or result
             rates.append(f"{name} {flops / seconds / 1e12:.0f} ({_difference(result, baseline)})")
-        hopper.STAGES, hopper.FMA_SHARE, hopper.SUM_MMA, hopper.PERSISTENT, hopper.STEP_KEYS = defaults
+        (hopper.STAGES, hopper.FMA_SHARE, hopper.SUM_MMA, hopper.PERSISTENT, hopper.STEP_KEYS,
+         hopper.CAUSAL_STEP_KEYS) = defaults
         hopper._failure = "sweep: the portable kernel"
         seconds = median_time(lambda: attention(q8, k8, v8.transpose(2, 3).contiguous().transpose(2, 3), causal=causal,
                                                 q_descale=ones, k_descale=ones, v_descale=ones), "cuda", warm_seconds=WARM_SECONDS)

@@ -48,9 +48,12 @@ from ..triton.hopper import _block_softmax, _exp2, _key_blocks, _row_reduce, _wr
 LOG2E = 1.4426950408889634
 P_SHIFT = gl.constexpr(8.0)  # the same 2^8 as kernel.P_SHIFT: small probabilities stay normal in e4m3
 BLOCK_M = 128  # also the quantization block of Q
-# Keys a step, per head dim: also the quantization block of K and V. A power of two is one score
-# tile; a sum of two (192 = 128 + 64) two tiles (`step_tiles`): Triton's shapes are powers of two.
+# Keys a step, per head dim, without and with a causal mask: also the quantization block of K and
+# V. A power of two is one score tile; a sum of two (192 = 128 + 64) two tiles (`step_tiles`):
+# Triton's shapes are powers of two. Not 192 at D = 128 causal: its loop spills there (sm_90a:
+# 6 reloads a step with the row sums on the tensor cores, 11 without).
 STEP_KEYS = {64: 128, 128: 192, 256: 128}
+CAUSAL_STEP_KEYS = {64: 128, 128: 128, 256: 128}
 STAGES = 2
 FMA_SHARE = 4  # 1 / FMA_SHARE of the exponentials on the FMA pipe (0: none), `_exp2` in ../triton/hopper.py
 # Head dims with one program per SM, each taking tile after tile, not one program per tile: an
@@ -59,8 +62,10 @@ FMA_SHARE = 4  # 1 / FMA_SHARE of the exponentials on the FMA pipe (0: none), `_
 # it piles up (4k keys, 2048 tiles: 288 key blocks for programs p = 0 mod 4, 240 for p = 3 mod 4),
 # where one program per tile lets the hardware hand the next tile to whichever SM is free.
 PERSISTENT = (64, 128)
-# Head dims whose row sums run on the tensor cores (P times ones), not by FADD: an experiment. Not
-# D = 256, whose kernel is bound by the tensor cores already.
+# Head dims whose row sums run on the tensor cores (P times ones), not by FADD. Not D = 256, whose
+# kernel is bound by the tensor cores already. With 192-key steps, 739 instructions a warp per step
+# at D = 128 non-causal, where 128-key steps with FADD sums took 616 (3.85 against 4.81 a key; SASS
+# counts, docs/notes/fp8.md): chosen on those counts, not yet timed on a GPU.
 SUM_MMA = (128,)
 NUM_WARPS = 4  # the first consumer warpgroup; the second and the producer warp are worker partitions
 MAX_REGISTERS = 168
@@ -576,9 +581,10 @@ def _block_strides(descale: torch.Tensor) -> tuple[int, int, int]:
     return (*descale.stride()[:2], descale.stride(2) if descale.dim() == 3 else 0)
 
 
-def step_keys(head_dim: int) -> int:
-    """Keys a step of the kernel at head dim `head_dim`: also K's and V's quantization block."""
-    return STEP_KEYS[head_dim]
+def step_keys(head_dim: int, causal: bool) -> int:
+    """Keys a step of the kernel at head dim `head_dim`, with a causal mask or not: also K's and
+    V's quantization block."""
+    return (CAUSAL_STEP_KEYS if causal else STEP_KEYS)[head_dim]
 
 
 @functools.lru_cache(maxsize=None)
@@ -591,9 +597,9 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
     N_pad) with its keys in `quantize.permute_keys`'s order and zero padding, or None where TMA
     cannot address them; compile_only: the compiled kernel, not run.
     descales: float32 (q, k, v), each (B, H, blocks) (one per row block of BLOCK_M or key step of
-    `step_keys(D)`) or (B, H) (one per head); q's head index is h // q_scale_group."""
+    `step_keys(D, causal)`) or (B, H) (one per head); q's head index is h // q_scale_group."""
     d = problem.head_dim
-    keys = step_keys(d)
+    keys = step_keys(d, problem.causal)
     tile_a, tile_b = step_tiles(keys)
     tile_b = tile_b or tile_a  # one tile: descriptors B are A's again, unused
     descriptors = (_descriptor(q8, [1, 1, BLOCK_M, d]), _descriptor(k8, [1, 1, tile_a, d]),
