@@ -63,9 +63,9 @@ FMA_SHARE = 4  # 1 / FMA_SHARE of the exponentials on the FMA pipe (0: none), `_
 # where one program per tile lets the hardware hand the next tile to whichever SM is free.
 PERSISTENT = (64, 128)
 # Head dims whose row sums run on the tensor cores (P times ones), not by FADD. Not D = 256, whose
-# kernel is bound by the tensor cores already. With 192-key steps, 739 instructions a warp per step
-# at D = 128 non-causal, where 128-key steps with FADD sums took 616 (3.85 against 4.81 a key; SASS
-# counts, docs/notes/fp8.md): chosen on those counts, not yet timed on a GPU.
+# kernel is bound by the tensor cores already. With 192-key steps, about 765 instructions a warp per
+# step at D = 128 non-causal, where 128-key steps with FADD sums took 616 (about 4.0 against 4.81 a
+# key; SASS counts, docs/notes/fp8.md): chosen on those counts, not yet timed on a GPU.
 SUM_MMA = (128,)
 NUM_WARPS = 4  # the first consumer warpgroup; the second and the producer warp are worker partitions
 MAX_REGISTERS = 168
@@ -263,14 +263,17 @@ def _operands(p_a, p_b, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.
 @gluon.jit
 def _products(o, l, op_a, op_b, vt_smem, vtb_smem, ones_smem, ones_b, slot, HEAD_DIM: gl.constexpr,
               BLOCK_N: gl.constexpr, SUM_MMA: gl.constexpr, lp_layout: gl.constexpr):
-    """Issue O += P V of the step in ring slot `slot` (and with SUM_MMA l += P x ones)."""
+    """Issue O += P V of the step in ring slot `slot` (and with SUM_MMA l = P x ones: this step's row
+    sums alone, added up in float32 by the caller: FP8 wgmma adds with about 14 bits (docs/notes/fp8.md),
+    and a row's sum over thousands of keys kept in its accumulator would drift)."""
     TILE_A: gl.constexpr = _first_tile(BLOCK_N)
     TILE_B: gl.constexpr = BLOCK_N - TILE_A
     o = warpgroup_mma(op_a, vt_smem.index(slot).reshape([HEAD_DIM, TILE_A]).permute((1, 0)), o, is_async=True)
     if TILE_B > 0:
         o = warpgroup_mma(op_b, vtb_smem.index(slot).reshape([HEAD_DIM, TILE_B]).permute((1, 0)), o, is_async=True)
     if SUM_MMA:
-        l = warpgroup_mma(gl.convert_layout(op_a, lp_layout), ones_smem.permute((1, 0)), l, is_async=True)
+        l = warpgroup_mma(gl.convert_layout(op_a, lp_layout), ones_smem.permute((1, 0)), l, use_acc=False,
+                          is_async=True)
         if TILE_B > 0:
             l = warpgroup_mma(gl.convert_layout(op_b, lp_layout), ones_b.permute((1, 0)), l, is_async=True)
     return o, l
@@ -342,7 +345,8 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
     row_layout: gl.constexpr = gl.SliceLayout(1, a_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-    # SUM_MMA: l (ROWS, 8) accumulates P x ones, each column the row sums of the e4m3 P
+    # SUM_MMA: l (ROWS, 8) is P x ones, each column the row sums of a step's e4m3 P; l_total their
+    # running sum in float32, rescaled as O is
     lp_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=4)
     # Products issued after a step's scores, left in flight while they are awaited: P V's (and P x ones')
     PENDING: gl.constexpr = (2 if TILE_B > 0 else 1) * (2 if SUM_MMA else 1)
@@ -363,6 +367,7 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
     row_sum = gl.zeros([ROWS], gl.float32, layout=row_layout)
     o = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
     l = gl.zeros([ROWS, 8], gl.float32, layout=l_layout)
+    l_total = gl.zeros([ROWS, 8], gl.float32, layout=l_layout)
     v_scale = 1.0
 
     if num_blocks > 0:
@@ -402,7 +407,7 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
                                                               a_layout, b_layout, FMA_SHARE)
             if SUM_MMA:
                 o, l = warpgroup_mma_wait(0, deps=(o, l))
-                l = l * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, l_layout)), 1)
+                l_total = (l_total + l) * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, l_layout)), 1)
             else:
                 o = warpgroup_mma_wait(0, deps=(o,))
             _named_arrive(FREE_ID + STAGES + prev, FREE_THREADS)
@@ -421,7 +426,8 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
                          SUM_MMA, lp_layout)
         if SUM_MMA:
             o, l = warpgroup_mma_wait(0, deps=(o, l))
-            row_sum = gl.convert_layout(gl.max(l, 1), row_layout)  # its 8 columns are equal; the FADDs' sums die
+            # Its 8 columns are equal; the FADDs' sums die.
+            row_sum = gl.convert_layout(gl.max(l_total + l, 1), row_layout)
         else:
             o = warpgroup_mma_wait(0, deps=(o,))
         _named_arrive(FREE_ID + STAGES + last % STAGES, FREE_THREADS)
