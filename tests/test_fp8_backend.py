@@ -378,6 +378,36 @@ def test_gpu_an_output_past_2_to_the_31_elements_lands_in_place(monkeypatch, ker
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("kernel", ["gluon", "portable"])
+def test_gpu_bshd_rows_past_2_to_the_31_elements_land_in_place(monkeypatch, kernel):
+    # (1, 2304, 8192, 128) views: a head holds 2304 x 128 elements, but rows from 2048 on start past
+    # element 2^31 of q, k, v and out (a row's stride is 8192 x 128 = 2^20), where 32-bit offsets wrap.
+    from flashdispatch.backends.fp8_hopper import hopper
+    from flashdispatch.conformance import poisoned
+
+    if kernel == "portable":
+        monkeypatch.setattr(hopper, "_failure", "test: the portable kernel")
+    n, h, d = 2304, 8192, 128
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    q8, k8, v8 = (torch.empty(1, n, h, d, dtype=FP8, device="cuda") for _ in range(3))
+    for t in (q8, k8, v8):
+        for start in range(0, n, 256):  # a block of rows at a time: randn of the whole would take 9 GB
+            t[:, start:start + 256] = (torch.randn(1, 256, h, d, generator=gen, device="cuda") * 2).to(FP8)
+    descales = [torch.rand(1, h, generator=gen, device="cuda") + 0.5 for _ in range(3)]
+    with poisoned("cuda"):
+        out = attention(q8, k8, v8, causal=True, layout="bshd", q_descale=descales[0], k_descale=descales[1],
+                        v_descale=descales[2])
+    assert q8[0, n - 1].data_ptr() - q8.data_ptr() >= 2**31 and (hopper._failure is None) == (kernel == "gluon")
+    heads = [0, h - 1]
+    part = [descale[:, heads] for descale in descales]
+    ref, _, plain = _reference(*(t[:, :, heads].transpose(1, 2) for t in (q8, k8, v8)), part, True)
+    got = out[:, :, heads].transpose(1, 2).double()
+    err, base = (got - ref).abs().max().item(), (plain.double() - ref).abs().max().item()
+    assert err <= 2 * base + 1e-3 * ref.abs().max().item(), (err, base)
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_zero_descales_give_finite_uniform_attention():
     # FlashAttention-3's amax / 448 of an all-zero head is a zero descale: the scores are all 0
     # (each row's visible keys weigh the same), never NaN from the masked ones.
