@@ -297,19 +297,14 @@ def main() -> int:
     parser.add_argument("--out", help="--part plot: the figure's path")
     parser.add_argument("--head-dims", default="64,128,256", help="--part speed: head dims, comma-separated")
     parser.add_argument("--lengths", default="1024,4096,16384", help="--part speed: sequence lengths")
-    parser.add_argument("--step-keys", type=int, help="the Gluon kernel's keys a step at D = 128, causal or not (hopper.STEP_KEYS, "
-                        "hopper.CAUSAL_STEP_KEYS), "
-                        "for every part: 192 for steps of two score tiles")
-    parser.add_argument("--sum-mma", action="store_true", help="the Gluon kernel's row sums on the tensor cores "
-                        "at D = 64 and 128 (hopper.SUM_MMA), for every part")
+    parser.add_argument("--step-keys", type=int, help="the Gluon kernel's keys a step at D = 128, causal or not "
+                        "(hopper.STEP_KEYS, hopper.CAUSAL_STEP_KEYS), for every part: 192 for steps of two score tiles")
     args = parser.parse_args()
     from flashdispatch.backends.fp8_hopper import hopper
 
     if args.step_keys:
         hopper.STEP_KEYS = {**hopper.STEP_KEYS, 128: args.step_keys}
         hopper.CAUSAL_STEP_KEYS = {**hopper.CAUSAL_STEP_KEYS, 128: args.step_keys}
-    if args.sum_mma:
-        hopper.SUM_MMA = (64, 128)
     if args.part == "plot":
         return plot(args.log, args.out)
     if args.part == "speed":

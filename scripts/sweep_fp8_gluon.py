@@ -1,6 +1,7 @@
 """The Gluon FP8 forward on pre-arranged e4m3 inputs (H100/H200):
-TFLOP/s of `fp8_hopper.hopper.forward` at each combination of --stages, --fma-shares, --sum-mma,
---persistent and --step-keys (the kernel's settings; a setting the kernel cannot launch, too much shared memory, says so), beside the portable Triton kernel
+TFLOP/s of `fp8_hopper.hopper.forward` at each combination of --stages, --fma-shares, --persistent,
+--step-keys and --kv-block-descales (the kernel's settings; a setting the kernel cannot launch, too
+much shared memory, says so), beside the portable Triton kernel
 through attention() on the same inputs and cuDNN's bf16. Run from the repository root with
 PYTHONPATH=src:scripts; one line per case starting with `sweep:`."""
 
@@ -36,8 +37,6 @@ def main() -> None:
     parser.add_argument("--fma-shares", default=str(hopper.FMA_SHARE),
                         help="comma-separated hopper.FMA_SHARE values to time the Gluon kernel at")
     parser.add_argument("--stages", default=str(hopper.STAGES), help="comma-separated hopper.STAGES values")
-    parser.add_argument("--sum-mma", default="0",
-                        help="comma-separated 0 or 1: the row sums on the tensor cores (hopper.SUM_MMA) at the head dim")
     parser.add_argument("--persistent", default="1",
                         help="comma-separated 0 (one program per tile) or 1 (one per SM at hopper.PERSISTENT's head dims)")
     parser.add_argument("--step-keys", default="",
@@ -49,7 +48,7 @@ def main() -> None:
     parser.add_argument("--head-dims", default="128,64")
     args = parser.parse_args()
     settings = list(itertools.product(*([int(x) for x in arg.split(",")] for arg in (
-        args.stages, args.fma_shares, args.sum_mma, args.persistent, args.step_keys or "0", args.kv_block_descales))))
+        args.stages, args.fma_shares, args.persistent, args.step_keys or "0", args.kv_block_descales))))
     head_dims = tuple(int(x) for x in args.head_dims.split(","))
     for d, n, causal, q, k, v, flops in prefill_cases(head_dims=head_dims, lengths=(4096, 16384)):
         q8, k8, v8 = (t.to(FP8) for t in (q, k, v))
@@ -59,15 +58,13 @@ def main() -> None:
         vt = vt.as_strided((*vt.shape[:3], -(-n // 16) * 16), vt.stride())
         rates = []
         baseline = None  # the first setting's (out, lse): a sanity check of the others
-        defaults = (hopper.STAGES, hopper.FMA_SHARE, hopper.SUM_MMA, hopper.PERSISTENT, dict(hopper.STEP_KEYS),
+        defaults = (hopper.STAGES, hopper.FMA_SHARE, hopper.PERSISTENT, dict(hopper.STEP_KEYS),
                     dict(hopper.CAUSAL_STEP_KEYS))
-        for hopper.STAGES, hopper.FMA_SHARE, sum_mma, persistent, keys, kv_blocks in settings:
-            hopper.SUM_MMA = (d,) if sum_mma else ()
-            hopper.PERSISTENT = defaults[3] if persistent else ()
-            hopper.STEP_KEYS = {**defaults[4], d: keys or defaults[4][d]}
-            hopper.CAUSAL_STEP_KEYS = {**defaults[5], d: keys or defaults[5][d]}
+        for hopper.STAGES, hopper.FMA_SHARE, persistent, keys, kv_blocks in settings:
+            hopper.PERSISTENT = defaults[2] if persistent else ()
+            hopper.STEP_KEYS = {**defaults[3], d: keys or defaults[3][d]}
+            hopper.CAUSAL_STEP_KEYS = {**defaults[4], d: keys or defaults[4][d]}
             name = (f"gluon[{hopper.step_keys(d, causal)} keys, {hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE}"
-                    f"{', sums on TC' if sum_mma else ''}"
                     f"{', persistent' if d in hopper.PERSISTENT and not causal else ''}"
                     f"{', K/V descales per step' if kv_blocks else ''}]")
             steps = -(-n // hopper.step_keys(d, causal))
@@ -82,8 +79,7 @@ def main() -> None:
                                   warm_seconds=WARM_SECONDS)
             baseline = baseline or result
             rates.append(f"{name} {flops / seconds / 1e12:.0f} ({_difference(result, baseline)})")
-        (hopper.STAGES, hopper.FMA_SHARE, hopper.SUM_MMA, hopper.PERSISTENT, hopper.STEP_KEYS,
-         hopper.CAUSAL_STEP_KEYS) = defaults
+        hopper.STAGES, hopper.FMA_SHARE, hopper.PERSISTENT, hopper.STEP_KEYS, hopper.CAUSAL_STEP_KEYS = defaults
         hopper._failure = "sweep: the portable kernel"
         seconds = median_time(lambda: attention(q8, k8, v8.transpose(2, 3).contiguous().transpose(2, 3), causal=causal,
                                                 q_descale=ones, k_descale=ones, v_descale=ones), "cuda", warm_seconds=WARM_SECONDS)

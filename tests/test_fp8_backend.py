@@ -470,9 +470,9 @@ from triton.runtime.jit import mangle_type
 from flashdispatch.backends.fp8_hopper import hopper
 
 fn = hopper.fp8_hopper_forward
-cases = [(128, False, False, 128, True), (64, True, False, 128, False), (256, True, False, 128, True),
-         (128, True, True, 128, False), (128, True, False, 192, True), (128, False, True, 192, False)]  # 192 keys: two tiles
-for head_dim, causal, sum_mma, keys, kv_block_scales in cases:
+cases = [(128, False, 128, True), (64, True, 128, False), (256, True, 128, True), (128, True, 128, False),
+         (128, True, 192, True), (128, False, 192, False)]  # 192 keys: two tiles
+for head_dim, causal, keys, kv_block_scales in cases:
     tile_a, tile_b = hopper.step_tiles(keys)
     q = torch.empty(2, 4, 256, head_dim, dtype=torch.float8_e4m3fn)
     vt = torch.empty(2, 4, head_dim, 256, dtype=torch.float8_e4m3fn)
@@ -482,7 +482,7 @@ for head_dim, causal, sum_mma, keys, kv_block_scales in cases:
              "vt_desc": hopper._descriptor(vt, [1, 1, head_dim, tile_a]),
              "vtb_desc": hopper._descriptor(vt, [1, 1, head_dim, tile_b or tile_a])}
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper.BLOCK_M, BLOCK_N=keys,
-                      STAGES=hopper.STAGES, FMA_SHARE=hopper.FMA_SHARE, SUM_MMA=sum_mma, KV_BLOCK_SCALES=kv_block_scales,
+                      STAGES=hopper.STAGES, FMA_SHARE=hopper.FMA_SHARE, KV_BLOCK_SCALES=kv_block_scales,
                       PERSISTENT=head_dim in hopper.PERSISTENT and not causal)
     types = {"Out": "*bf16", "Lse": "*fp32", "QDescale": "*fp32", "KDescale": "*fp32", "VDescale": "*fp32",
              "scale_log2": "fp32", **{name: mangle_type(d) for name, d in descs.items()}}
@@ -492,15 +492,15 @@ for head_dim, causal, sum_mma, keys, kv_block_scales in cases:
     asm = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=hopper.NUM_WARPS, maxnreg=hopper.MAX_REGISTERS)).asm
     ptx = asm["ptx"]
-    case = (head_dim, causal, sum_mma, keys)
+    case = (head_dim, causal, keys, kv_block_scales)
     # A (batch, head)'s start in Out and Lse in 64 bits: B * H * N * D may pass 2^31.
     for name, dtype in (("Out", "bf16"), ("Lse", "f32")):
         assert re.search(rf"tt\.addptr %{name}, %\w+ : !tt\.ptr<{dtype}>, i64", asm["ttgir"]), (name, case)
-    # FP8 wgmma, both products: S (N = each tile's keys), P V (N = head dim), P x ones (N = 8) for SUM_MMA
-    for n in {tile_a, tile_b or tile_a, head_dim} | ({8} if sum_mma else set()):
+    # FP8 wgmma, both products: S (N = each tile's keys), P V (N = head dim)
+    for n in {tile_a, tile_b or tile_a, head_dim}:
         assert f"wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3" in ptx, case
-    # P V (and P x ones), one product a tile, left in flight under the softmax
-    assert f"wgmma.wait_group.sync.aligned {(2 if tile_b else 1) * (2 if sum_mma else 1)}" in ptx, case
+    # P V, one product a tile, left in flight under the softmax
+    assert f"wgmma.wait_group.sync.aligned {2 if tile_b else 1}" in ptx, case
     # P packed in place: no shuffles between threads (one broadcasts the warp index at the start).
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and ptx.count("shfl.sync.idx") <= 1, case
     # Buffers handed back per warp through named barriers, not one thread's mbarrier arrive.

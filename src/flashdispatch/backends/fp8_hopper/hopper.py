@@ -39,8 +39,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..triton.hopper import _block_softmax, _exp2, _key_blocks, _row_reduce, _write_rows
@@ -50,9 +49,10 @@ P_SHIFT = gl.constexpr(8.0)  # the same 2^8 as kernel.P_SHIFT: small probabiliti
 BLOCK_M = 128  # also the quantization block of Q
 # Keys a step, per head dim, without and with a causal mask: also the quantization block of K and
 # V. A power of two is one score tile; a sum of two (192 = 128 + 64) two tiles (`step_tiles`):
-# Triton's shapes are powers of two. Not 192 at D = 128 causal: its loop spills there (sm_90a:
-# 6 reloads a step with the row sums on the tensor cores, 11 without).
-STEP_KEYS = {64: 128, 128: 192, 256: 128}
+# Triton's shapes are powers of two. 192 at D = 128 was slower on an H100 (2026-12-06,
+# `sweep_fp8_gluon.py`: 548 against 774 TFLOP/s at 4k keys non-causal, 614 against 686 causal),
+# so every head dim takes 128.
+STEP_KEYS = {64: 128, 128: 128, 256: 128}
 CAUSAL_STEP_KEYS = {64: 128, 128: 128, 256: 128}
 STAGES = 2
 FMA_SHARE = 4  # 1 / FMA_SHARE of the exponentials on the FMA pipe (0: none), `_exp2` in ../triton/hopper.py
@@ -62,11 +62,6 @@ FMA_SHARE = 4  # 1 / FMA_SHARE of the exponentials on the FMA pipe (0: none), `_
 # it piles up (4k keys, 2048 tiles: 288 key blocks for programs p = 0 mod 4, 240 for p = 3 mod 4),
 # where one program per tile lets the hardware hand the next tile to whichever SM is free.
 PERSISTENT = (64, 128)
-# Head dims whose row sums run on the tensor cores (P times ones), not by FADD. Not D = 256, whose
-# kernel is bound by the tensor cores already. With 192-key steps, about 765 instructions a warp per
-# step at D = 128 non-causal, where 128-key steps with FADD sums took 616 (about 4.0 against 4.81 a
-# key; SASS counts, docs/notes/fp8.md): chosen on those counts, not yet timed on a GPU.
-SUM_MMA = (128,)
 NUM_WARPS = 4  # the first consumer warpgroup; the second and the producer warp are worker partitions
 MAX_REGISTERS = 168
 # Scales are kept at or above float32's smallest normal number: a zero descale (FlashAttention-3's
@@ -148,7 +143,7 @@ def _load_tile(t, loads, queries, descs, smem, bars, geometry, CAUSAL: gl.conste
     loaded by this program so far (the n-th goes to ring slot n % STAGES); queries: tiles whose Q
     was loaded. Returns both, counting this tile's."""
     q_desc, k_desc, kb_desc, vt_desc, vtb_desc = descs
-    q_smem, k_smem, kb_smem, vt_smem, vtb_smem, _ones, _ones_b = smem
+    q_smem, k_smem, kb_smem, vt_smem, vtb_smem = smem
     q_ready, k_ready, v_ready = bars
     seqlen_q, seqlen_k, heads, group, tiles = geometry
     TILE_A: gl.constexpr = _first_tile(BLOCK_N)
@@ -261,22 +256,14 @@ def _operands(p_a, p_b, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.
 
 
 @gluon.jit
-def _products(o, l, op_a, op_b, vt_smem, vtb_smem, ones_smem, ones_b, slot, HEAD_DIM: gl.constexpr,
-              BLOCK_N: gl.constexpr, SUM_MMA: gl.constexpr, lp_layout: gl.constexpr):
-    """Issue O += P V of the step in ring slot `slot` (and with SUM_MMA l = P x ones: this step's row
-    sums alone, added up in float32 by the caller: FP8 wgmma adds with about 14 bits (docs/notes/fp8.md),
-    and a row's sum over thousands of keys kept in its accumulator would drift)."""
+def _products(o, op_a, op_b, vt_smem, vtb_smem, slot, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Issue O += P V of the step in ring slot `slot`."""
     TILE_A: gl.constexpr = _first_tile(BLOCK_N)
     TILE_B: gl.constexpr = BLOCK_N - TILE_A
     o = warpgroup_mma(op_a, vt_smem.index(slot).reshape([HEAD_DIM, TILE_A]).permute((1, 0)), o, is_async=True)
     if TILE_B > 0:
         o = warpgroup_mma(op_b, vtb_smem.index(slot).reshape([HEAD_DIM, TILE_B]).permute((1, 0)), o, is_async=True)
-    if SUM_MMA:
-        l = warpgroup_mma(gl.convert_layout(op_a, lp_layout), ones_smem.permute((1, 0)), l, use_acc=False,
-                          is_async=True)
-        if TILE_B > 0:
-            l = warpgroup_mma(gl.convert_layout(op_b, lp_layout), ones_b.permute((1, 0)), l, is_async=True)
-    return o, l
+    return o
 
 
 @gluon.jit
@@ -323,13 +310,13 @@ def _step_softmax(s_a, s_b, row_max, row_sum, rows, n0, full_end, seqlen_k, shif
 @gluon.jit
 def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr,
                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  FMA_SHARE: gl.constexpr, SUM_MMA: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, ME: gl.constexpr):
+                  FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, ME: gl.constexpr):
     """Compute warpgroup ME's part of tile t: rows ME * 64 .. ME * 64 + 63 of its row block, key
     steps of BLOCK_N (one or two score tiles: `step_tiles`). uses: key steps used by this program
     so far (the n-th in ring slot n % STAGES, phase (n // STAGES) & 1); queries: tiles whose Q was
     used. Returns both, counting this tile's. KV_BLOCK_SCALES: K's and V's descales change from step
     to step (quantized here), else one per head (pre-quantized), read once."""
-    q_smem, k_smem, kb_smem, vt_smem, vtb_smem, ones_smem, ones_b = smem
+    q_smem, k_smem, kb_smem, vt_smem, vtb_smem = smem
     q_ready, k_ready, v_ready = bars
     seqlen_q, seqlen_k, heads, group, tiles = geometry
     (QDescale, KDescale, VDescale, stride_qsb, stride_qsh, stride_qsm, stride_ksb, stride_ksh, stride_ksn,
@@ -341,15 +328,11 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
     a_layout: gl.constexpr = _accumulator_layout(TILE_A)  # S's tiles
     b_layout: gl.constexpr = _accumulator_layout(TILE_B if TILE_B > 0 else TILE_A)
     o_layout: gl.constexpr = _accumulator_layout(HEAD_DIM)
-    l_layout: gl.constexpr = _accumulator_layout(8)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
     row_layout: gl.constexpr = gl.SliceLayout(1, a_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-    # SUM_MMA: l (ROWS, 8) is P x ones, each column the row sums of a step's e4m3 P; l_total their
-    # running sum in float32, rescaled as O is
-    lp_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=4)
-    # Products issued after a step's scores, left in flight while they are awaited: P V's (and P x ones')
-    PENDING: gl.constexpr = (2 if TILE_B > 0 else 1) * (2 if SUM_MMA else 1)
+    # Products issued after a step's scores, left in flight while they are awaited: P V's
+    PENDING: gl.constexpr = 2 if TILE_B > 0 else 1
     shift = seqlen_k - seqlen_q
     q = q_smem.reshape([BLOCK_M, HEAD_DIM]).slice(ME * ROWS, ROWS)
     zero_a = gl.zeros([ROWS, TILE_A], gl.float32, layout=a_layout)
@@ -366,8 +349,6 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
     row_max = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
     row_sum = gl.zeros([ROWS], gl.float32, layout=row_layout)
     o = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-    l = gl.zeros([ROWS, 8], gl.float32, layout=l_layout)
-    l_total = gl.zeros([ROWS, 8], gl.float32, layout=l_layout)
     v_scale = 1.0
 
     if num_blocks > 0:
@@ -396,8 +377,7 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
             # P_{j-1} packed first: its float32 registers are free before S_j takes its own.
             op_a, op_b = _operands(p_a, p_b, ROWS, BLOCK_N, p_layout)
             s_a, s_b = _scores(q, k_smem, kb_smem, slot, zero_a, zero_b, HEAD_DIM, BLOCK_N)
-            o, l = _products(o, l, op_a, op_b, vt_smem, vtb_smem, ones_smem, ones_b, prev, HEAD_DIM, BLOCK_N,
-                             SUM_MMA, lp_layout)
+            o = _products(o, op_a, op_b, vt_smem, vtb_smem, prev, HEAD_DIM, BLOCK_N)
             s_a, s_b = _await_scores(s_a, s_b, PENDING, BLOCK_N)
             _named_arrive(FREE_ID + slot, FREE_THREADS)
 
@@ -405,11 +385,7 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
             p_a, p_b, row_max, row_sum, alpha = _step_softmax(s_a, s_b, row_max, row_sum, rows, j * BLOCK_N,
                                                               full_end, seqlen_k, shift, qk_scale, CAUSAL, BLOCK_N,
                                                               a_layout, b_layout, FMA_SHARE)
-            if SUM_MMA:
-                o, l = warpgroup_mma_wait(0, deps=(o, l))
-                l_total = (l_total + l) * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, l_layout)), 1)
-            else:
-                o = warpgroup_mma_wait(0, deps=(o,))
+            o = warpgroup_mma_wait(0, deps=(o,))
             _named_arrive(FREE_ID + STAGES + prev, FREE_THREADS)
             if KV_BLOCK_SCALES:  # O moves to step j's max and to step j's V descale in one multiply
                 o = o * gl.expand_dims(gl.convert_layout(alpha * (v_scale / next_v_scale), o_rows), 1)
@@ -422,14 +398,8 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
         last = uses + num_blocks - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         op_a, op_b = _operands(p_a, p_b, ROWS, BLOCK_N, p_layout)
-        o, l = _products(o, l, op_a, op_b, vt_smem, vtb_smem, ones_smem, ones_b, last % STAGES, HEAD_DIM, BLOCK_N,
-                         SUM_MMA, lp_layout)
-        if SUM_MMA:
-            o, l = warpgroup_mma_wait(0, deps=(o, l))
-            # Its 8 columns are equal; the FADDs' sums die.
-            row_sum = gl.convert_layout(gl.max(l_total + l, 1), row_layout)
-        else:
-            o = warpgroup_mma_wait(0, deps=(o,))
+        o = _products(o, op_a, op_b, vt_smem, vtb_smem, last % STAGES, HEAD_DIM, BLOCK_N)
+        o = warpgroup_mma_wait(0, deps=(o,))
         _named_arrive(FREE_ID + STAGES + last % STAGES, FREE_THREADS)
 
     # int64 offsets: B * H * N * D may pass 2^31 elements (a head's N * D may not: the backend checks).
@@ -443,33 +413,33 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
 @gluon.jit
 def _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-              SUM_MMA: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, PERSISTENT: gl.constexpr, ME: gl.constexpr):
+              KV_BLOCK_SCALES: gl.constexpr, PERSISTENT: gl.constexpr, ME: gl.constexpr):
     """Compute warpgroup ME (0 or 1): the program's tile, or with PERSISTENT tile after tile."""
     if PERSISTENT:
         uses = 0
         queries = 0
         for t in range(gl.program_id(0), geometry[4], gl.num_programs(0)):
             uses, queries = _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM,
-                                          BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, SUM_MMA, KV_BLOCK_SCALES, ME)
+                                          BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, ME)
     else:
         _compute_tile(gl.program_id(0), 0, 0, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M,
-                      BLOCK_N, STAGES, FMA_SHARE, SUM_MMA, KV_BLOCK_SCALES, ME)
+                      BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, ME)
 
 
 @gluon.jit
 def _first_consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-                    SUM_MMA: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, PERSISTENT: gl.constexpr):
+                    KV_BLOCK_SCALES: gl.constexpr, PERSISTENT: gl.constexpr):
     _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
-              SUM_MMA, KV_BLOCK_SCALES, PERSISTENT, 0)
+              KV_BLOCK_SCALES, PERSISTENT, 0)
 
 
 @gluon.jit
 def _second_consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-                     SUM_MMA: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, PERSISTENT: gl.constexpr):
+                     KV_BLOCK_SCALES: gl.constexpr, PERSISTENT: gl.constexpr):
     _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
-              SUM_MMA, KV_BLOCK_SCALES, PERSISTENT, 1)
+              KV_BLOCK_SCALES, PERSISTENT, 1)
 
 
 @gluon.jit
@@ -479,7 +449,7 @@ def fp8_hopper_forward(
     stride_qsb, stride_qsh, stride_qsm, stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     seqlen_q, seqlen_k, heads, group, q_scale_group, scale_log2, batch_heads,
     CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, FMA_SHARE: gl.constexpr, SUM_MMA: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr,
+    STAGES: gl.constexpr, FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr,
     PERSISTENT: gl.constexpr,
 ):
     """Grid: (programs,), each taking tiles (a row block of a (batch, query head)) program_id,
@@ -504,26 +474,13 @@ def fp8_hopper_forward(
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     gl.static_assert(FREE_ID + 2 * STAGES < 16, "named barriers: a CTA has 16")
-    # SUM_MMA: the B operands of P x ones, a tile's keys by 8 columns, written before the partitions start
-    ones_smem = gl.allocate_shared_memory(gl.float8e4nv, [8, TILE_A],
-                                          gl.NVMMASharedLayout.get_default_for([8, TILE_A], gl.float8e4nv))
-    ones_b = ones_smem
-    if TILE_B > 0:
-        ones_b = gl.allocate_shared_memory(gl.float8e4nv, [8, TILE_B],
-                                           gl.NVMMASharedLayout.get_default_for([8, TILE_B], gl.float8e4nv))
-    if SUM_MMA:
-        ones_layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [1, 4], [1, 0])
-        ones_smem.store(gl.full([8, TILE_A], 1.0, gl.float32, layout=ones_layout).to(gl.float8e4nv))
-        if TILE_B > 0:
-            ones_b.store(gl.full([8, TILE_B], 1.0, gl.float32, layout=ones_layout).to(gl.float8e4nv))
-        fence_async_shared()
     mbarrier.init(q_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
 
     descs = (q_desc, k_desc, kb_desc, vt_desc, vtb_desc)
-    smem = (q_smem, k_smem, kb_smem, vt_smem, vtb_smem, ones_smem, ones_b)
+    smem = (q_smem, k_smem, kb_smem, vt_smem, vtb_smem)
     bars = (q_ready, k_ready, v_ready)
     geometry = (seqlen_q, seqlen_k, heads, group, gl.cdiv(seqlen_q, BLOCK_M) * batch_heads)
     scales = (QDescale, KDescale, VDescale, stride_qsb, stride_qsh, stride_qsm, stride_ksb, stride_ksh, stride_ksn,
@@ -531,9 +488,9 @@ def fp8_hopper_forward(
     outputs = (Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh)
     gl.warp_specialize([
         (_first_consumer, (descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                           FMA_SHARE, SUM_MMA, KV_BLOCK_SCALES, PERSISTENT)),
+                           FMA_SHARE, KV_BLOCK_SCALES, PERSISTENT)),
         (_second_consumer, (descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                            FMA_SHARE, SUM_MMA, KV_BLOCK_SCALES, PERSISTENT)),
+                            FMA_SHARE, KV_BLOCK_SCALES, PERSISTENT)),
         (_producer, (descs, smem, bars, geometry, CAUSAL, BLOCK_M, BLOCK_N, STAGES, PERSISTENT)),
     ], [4, 1], [240, 24])
 
@@ -626,7 +583,7 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
                *(s for descale in descales for s in _block_strides(descale)),
                seqlen_q, problem.seqlen_k, heads_q, problem.group_size, q_scale_group, problem.scale * LOG2E,
                batch * heads_q, CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=keys, STAGES=STAGES, FMA_SHARE=FMA_SHARE,
-               SUM_MMA=d in SUM_MMA, KV_BLOCK_SCALES=descales[1].dim() == 3 or descales[2].dim() == 3,
+               KV_BLOCK_SCALES=descales[1].dim() == 3 or descales[2].dim() == 3,
                PERSISTENT=persistent, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
     except Exception as exc:  # noqa: BLE001 - fall back to the portable kernel, say so once
         if compile_only:
