@@ -66,7 +66,11 @@ def exact() -> int:
     failures = checks = 0
     cases = [(2, 8, 2, 300, 300, 128, True), (2, 8, 8, 257, 513, 128, False), (1, 4, 1, 700, 200, 64, True),
              (3, 4, 4, 130, 1030, 64, False), (1, 4, 2, 1000, 1000, 256, True), (2, 4, 4, 129, 700, 256, False),
-             (1, 16, 2, 4096, 4096, 128, True), (2, 8, 8, 5, 3000, 128, True)]
+             (1, 16, 2, 4096, 4096, 128, True), (2, 8, 8, 5, 3000, 128, True),
+             # D = 128 non-causal: a last step whose second tile (192-key steps) lies past the keys;
+             # more tiles than SMs (the persistent kernel takes several); 16k keys a row (sums that
+             # would drift in an FP8 accumulator)
+             (2, 8, 2, 300, 300, 128, False), (2, 16, 4, 1100, 1000, 128, False), (1, 4, 4, 256, 16384, 128, False)]
     for b, hq, hkv, nq, nk, d, causal in cases:
         for way in ("pre-quantized", "bf16 in", "bshd", "kernel layout"):
             gen = torch.Generator(device="cuda").manual_seed(checks)
@@ -293,7 +297,14 @@ def main() -> int:
     parser.add_argument("--out", help="--part plot: the figure's path")
     parser.add_argument("--head-dims", default="64,128,256", help="--part speed: head dims, comma-separated")
     parser.add_argument("--lengths", default="1024,4096,16384", help="--part speed: sequence lengths")
+    parser.add_argument("--step-keys", type=int, help="the Gluon kernel's keys a step at D = 128, causal or not "
+                        "(hopper.STEP_KEYS, hopper.CAUSAL_STEP_KEYS), for every part: 192 for steps of two score tiles")
     args = parser.parse_args()
+    from flashdispatch.backends.fp8_hopper import hopper
+
+    if args.step_keys:
+        hopper.STEP_KEYS = {**hopper.STEP_KEYS, 128: args.step_keys}
+        hopper.CAUSAL_STEP_KEYS = {**hopper.CAUSAL_STEP_KEYS, 128: args.step_keys}
     if args.part == "plot":
         return plot(args.log, args.out)
     if args.part == "speed":

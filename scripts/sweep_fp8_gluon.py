@@ -1,6 +1,7 @@
 """The Gluon FP8 forward on pre-arranged e4m3 inputs (H100/H200):
-TFLOP/s of `fp8_hopper.hopper.forward` at each pair of --stages and --fma-shares (the kernel's
-settings; a setting the kernel cannot launch, too much shared memory, says so), beside the portable Triton kernel
+TFLOP/s of `fp8_hopper.hopper.forward` at each combination of --stages, --fma-shares, --persistent,
+--step-keys and --kv-block-descales (the kernel's settings; a setting the kernel cannot launch, too
+much shared memory, says so), beside the portable Triton kernel
 through attention() on the same inputs and cuDNN's bf16. Run from the repository root with
 PYTHONPATH=src:scripts; one line per case starting with `sweep:`."""
 
@@ -23,14 +24,31 @@ FP8 = torch.float8_e4m3fn
 WARM_SECONDS = 0.2  # `median_time`: each setting's runs start at a settled clock
 
 
+def _difference(result, baseline) -> str:
+    """How far (out, lse) is from the first setting's: the outputs' relative difference, the LSEs'
+    largest."""
+    (out, lse), (out0, lse0) = result, baseline
+    relative = ((out.float() - out0.float()).norm() / out0.float().norm()).item()
+    return f"out differs by {relative:.1e}, lse by {(lse - lse0).abs().max().item():.1e}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fma-shares", default=str(hopper.FMA_SHARE),
                         help="comma-separated hopper.FMA_SHARE values to time the Gluon kernel at")
     parser.add_argument("--stages", default=str(hopper.STAGES), help="comma-separated hopper.STAGES values")
+    parser.add_argument("--persistent", default="1",
+                        help="comma-separated 0 (one program per tile) or 1 (one per SM at hopper.PERSISTENT's head dims)")
+    parser.add_argument("--step-keys", default="",
+                        help="comma-separated keys a step, causal or not (hopper.STEP_KEYS, hopper.CAUSAL_STEP_KEYS; 192: "
+                        "two score tiles); default the kernel's")
+    parser.add_argument("--kv-block-descales", default="0",
+                        help="comma-separated 0 (one K and V descale per head, as pre-quantized inputs have) or 1 (one "
+                        "per key step, as quantized ones have: the kernel's general path), all ones either way")
     parser.add_argument("--head-dims", default="128,64")
     args = parser.parse_args()
-    settings = list(itertools.product(*([int(x) for x in arg.split(",")] for arg in (args.stages, args.fma_shares))))
+    settings = list(itertools.product(*([int(x) for x in arg.split(",")] for arg in (
+        args.stages, args.fma_shares, args.persistent, args.step_keys or "0", args.kv_block_descales))))
     head_dims = tuple(int(x) for x in args.head_dims.split(","))
     for d, n, causal, q, k, v, flops in prefill_cases(head_dims=head_dims, lengths=(4096, 16384)):
         q8, k8, v8 = (t.to(FP8) for t in (q, k, v))
@@ -39,18 +57,29 @@ def main() -> None:
         vt = to_kernel_layout(v8).transpose(2, 3)
         vt = vt.as_strided((*vt.shape[:3], -(-n // 16) * 16), vt.stride())
         rates = []
-        defaults = hopper.STAGES, hopper.FMA_SHARE
-        for hopper.STAGES, hopper.FMA_SHARE in settings:
-            name = f"gluon[{hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE}]"
-            if hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem) is None:
+        baseline = None  # the first setting's (out, lse): a sanity check of the others
+        defaults = (hopper.STAGES, hopper.FMA_SHARE, hopper.PERSISTENT, dict(hopper.STEP_KEYS),
+                    dict(hopper.CAUSAL_STEP_KEYS))
+        for hopper.STAGES, hopper.FMA_SHARE, persistent, keys, kv_blocks in settings:
+            hopper.PERSISTENT = defaults[2] if persistent else ()
+            hopper.STEP_KEYS = {**defaults[3], d: keys or defaults[3][d]}
+            hopper.CAUSAL_STEP_KEYS = {**defaults[4], d: keys or defaults[4][d]}
+            name = (f"gluon[{hopper.step_keys(d, causal)} keys, {hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE}"
+                    f"{', persistent' if d in hopper.PERSISTENT and not causal else ''}"
+                    f"{', K/V descales per step' if kv_blocks else ''}]")
+            steps = -(-n // hopper.step_keys(d, causal))
+            descales = (ones, *(ones[:, :, None].expand(*ones.shape, steps) if kv_blocks else ones for _ in range(2)))
+            result = hopper.forward(q8, k8, vt, descales, 1, torch.bfloat16, problem)
+            if result is None:
                 why = hopper._failure or "TMA cannot address the tensors"
                 rates.append(f"{name} fails ({why.splitlines()[0]})")
                 hopper._failure = None
                 continue
-            seconds = median_time(lambda: hopper.forward(q8, k8, vt, (ones,) * 3, 1, torch.bfloat16, problem), "cuda",
+            seconds = median_time(lambda: hopper.forward(q8, k8, vt, descales, 1, torch.bfloat16, problem), "cuda",
                                   warm_seconds=WARM_SECONDS)
-            rates.append(f"{name} {flops / seconds / 1e12:.0f}")
-        hopper.STAGES, hopper.FMA_SHARE = defaults
+            baseline = baseline or result
+            rates.append(f"{name} {flops / seconds / 1e12:.0f} ({_difference(result, baseline)})")
+        hopper.STAGES, hopper.FMA_SHARE, hopper.PERSISTENT, hopper.STEP_KEYS, hopper.CAUSAL_STEP_KEYS = defaults
         hopper._failure = "sweep: the portable kernel"
         seconds = median_time(lambda: attention(q8, k8, v8.transpose(2, 3).contiguous().transpose(2, 3), causal=causal,
                                                 q_descale=ones, k_descale=ones, v_descale=ones), "cuda", warm_seconds=WARM_SECONDS)

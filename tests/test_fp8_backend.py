@@ -177,9 +177,10 @@ def test_refuses_what_the_grid_or_32_bit_offsets_cannot_hold():
 
     assert "batch x query heads = 80000: at most 65535 (the kernels' second grid axis)" in reasons(2, 40000, 1)
     assert not any("grid" in r for r in reasons(3, 21845, 1))  # 65535 exactly
-    # The output's offsets: (16, 32, 32768, 256) is 2^32 elements, and batch 8 on would wrap.
-    assert any("under 2^31 only" in r for r in reasons(16, 32, 32768, 256))
-    assert not any("2^31" in r for r in reasons(1, 32, 2**20 - 1, 64))  # one row of 64 short of 2^31
+    # Offsets to a (batch, head) are 64-bit, within one 32-bit: (16, 32, 32768, 256) is 2^32 elements.
+    assert not any("2^31" in r for r in reasons(16, 32, 32768, 256))
+    assert any("a head of 2147483648 elements: under 2^31 only" in r for r in reasons(1, 1, 2**23, 256))
+    assert not any("2^31" in r for r in reasons(1, 1, 2**23 - 1, 256))
 
 
 def test_the_gluon_kernel_takes_every_head_dim_the_backend_does():
@@ -348,6 +349,65 @@ def test_gpu_fp8_meets_the_fp8_rule(d, causal, kernel_layout):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("kernel", ["gluon", "portable"])
+def test_gpu_an_output_past_2_to_the_31_elements_lands_in_place(monkeypatch, kernel):
+    # (65, 64, 2048, 256): batch 64 starts at element 2^31 of the output, where 32-bit offsets wrap.
+    from flashdispatch.backends.fp8_hopper import hopper
+    from flashdispatch.conformance import poisoned
+
+    if kernel == "portable":
+        monkeypatch.setattr(hopper, "_failure", "test: the portable kernel")
+    b, hq, hkv, n, d = 65, 64, 8, 2048, 256
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q8 = torch.empty(b, hq, n, d, dtype=FP8, device="cuda")
+    for i in range(b):  # a batch at a time: randn of the whole would take 9 GB of float32
+        q8[i] = torch.randn(hq, n, d, generator=gen, device="cuda").to(FP8)
+    k8, v8 = (torch.randn(b, hkv, n, d, generator=gen, device="cuda").to(FP8) for _ in range(2))
+    descales = [torch.ones(b, hkv, device="cuda") for _ in range(3)]
+    with poisoned("cuda"):
+        out, lse = attention(q8, k8, v8, q_descale=descales[0], k_descale=descales[1], v_descale=descales[2],
+                             return_lse=True)
+    assert out.numel() > 2**31 and (hopper._failure is None) == (kernel == "gluon")
+    for i in (0, b - 1):  # the first batch and the one past 2^31
+        part = [descale[i:i + 1, :2] for descale in descales]  # (1, Hkv) of the 2 KV heads the 16 query heads read
+        ref, ref_lse, plain = _reference(q8[i:i + 1, :16], k8[i:i + 1, :2], v8[i:i + 1, :2], part, False)
+        err, base = (out[i:i + 1, :16].double() - ref).abs().max().item(), (plain.double() - ref).abs().max().item()
+        assert err <= 2 * base + 1e-3 * ref.abs().max().item(), (i, err, base)
+        assert (lse[i:i + 1, :16].double() - ref_lse).abs().max() <= 2e-3 * max(1.0, ref_lse.abs().max().item())
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kernel", ["gluon", "portable"])
+def test_gpu_bshd_rows_past_2_to_the_31_elements_land_in_place(monkeypatch, kernel):
+    # (1, 2304, 8192, 128) views: a head holds 2304 x 128 elements, but rows from 2048 on start past
+    # element 2^31 of q, k, v and out (a row's stride is 8192 x 128 = 2^20), where 32-bit offsets wrap.
+    from flashdispatch.backends.fp8_hopper import hopper
+    from flashdispatch.conformance import poisoned
+
+    if kernel == "portable":
+        monkeypatch.setattr(hopper, "_failure", "test: the portable kernel")
+    n, h, d = 2304, 8192, 128
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    q8, k8, v8 = (torch.empty(1, n, h, d, dtype=FP8, device="cuda") for _ in range(3))
+    for t in (q8, k8, v8):
+        for start in range(0, n, 256):  # a block of rows at a time: randn of the whole would take 9 GB
+            t[:, start:start + 256] = (torch.randn(1, 256, h, d, generator=gen, device="cuda") * 2).to(FP8)
+    descales = [torch.rand(1, h, generator=gen, device="cuda") + 0.5 for _ in range(3)]
+    with poisoned("cuda"):
+        out = attention(q8, k8, v8, causal=True, layout="bshd", q_descale=descales[0], k_descale=descales[1],
+                        v_descale=descales[2])
+    assert q8[0, n - 1].data_ptr() - q8.data_ptr() >= 2**31 and (hopper._failure is None) == (kernel == "gluon")
+    heads = [0, h - 1]
+    part = [descale[:, heads] for descale in descales]
+    ref, _, plain = _reference(*(t[:, :, heads].transpose(1, 2) for t in (q8, k8, v8)), part, True)
+    got = out[:, :, heads].transpose(1, 2).double()
+    err, base = (got - ref).abs().max().item(), (plain.double() - ref).abs().max().item()
+    assert err <= 2 * base + 1e-3 * ref.abs().max().item(), (err, base)
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_zero_descales_give_finite_uniform_attention():
     # FlashAttention-3's amax / 448 of an all-zero head is a zero descale: the scores are all 0
     # (each row's visible keys weigh the same), never NaN from the masked ones.
@@ -402,6 +462,7 @@ def test_gpu_exp2_on_the_fma_pipe_matches_exp2():
 
 
 SM90_SCRIPT = r"""
+import re
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
@@ -409,31 +470,57 @@ from triton.runtime.jit import mangle_type
 from flashdispatch.backends.fp8_hopper import hopper
 
 fn = hopper.fp8_hopper_forward
-for head_dim, causal in ((128, False), (64, True), (256, True)):
+cases = [(128, False, 128, True), (64, True, 128, False), (256, True, 128, True), (128, True, 128, False),
+         (128, True, 192, True), (128, False, 192, False)]  # 192 keys: two tiles
+for head_dim, causal, keys, kv_block_scales in cases:
+    tile_a, tile_b = hopper.step_tiles(keys)
     q = torch.empty(2, 4, 256, head_dim, dtype=torch.float8_e4m3fn)
     vt = torch.empty(2, 4, head_dim, 256, dtype=torch.float8_e4m3fn)
     descs = {"q_desc": hopper._descriptor(q, [1, 1, hopper.BLOCK_M, head_dim]),
-             "k_desc": hopper._descriptor(q, [1, 1, hopper.BLOCK_N, head_dim]),
-             "vt_desc": hopper._descriptor(vt, [1, 1, head_dim, hopper.BLOCK_N])}
-    constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper.BLOCK_M, BLOCK_N=hopper.BLOCK_N,
-                      STAGES=hopper.STAGES, FMA_SHARE=hopper.FMA_SHARE)
+             "k_desc": hopper._descriptor(q, [1, 1, tile_a, head_dim]),
+             "kb_desc": hopper._descriptor(q, [1, 1, tile_b or tile_a, head_dim]),
+             "vt_desc": hopper._descriptor(vt, [1, 1, head_dim, tile_a]),
+             "vtb_desc": hopper._descriptor(vt, [1, 1, head_dim, tile_b or tile_a])}
+    constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper.BLOCK_M, BLOCK_N=keys,
+                      STAGES=hopper.STAGES, FMA_SHARE=hopper.FMA_SHARE, KV_BLOCK_SCALES=kv_block_scales,
+                      PERSISTENT=head_dim in hopper.PERSISTENT and not causal)
     types = {"Out": "*bf16", "Lse": "*fp32", "QDescale": "*fp32", "KDescale": "*fp32", "VDescale": "*fp32",
              "scale_log2": "fp32", **{name: mangle_type(d) for name, d in descs.items()}}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
     src = GluonASTSource(fn=fn, signature=signature,
                          constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                         options=dict(num_warps=hopper.NUM_WARPS, maxnreg=hopper.MAX_REGISTERS)).asm["ptx"]
-    case = (head_dim, causal)
-    for n in (hopper.BLOCK_N, head_dim):  # FP8 wgmma, both products: S (N = keys), P V (N = head dim)
+    asm = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                         options=dict(num_warps=hopper.NUM_WARPS, maxnreg=hopper.MAX_REGISTERS)).asm
+    ptx = asm["ptx"]
+    case = (head_dim, causal, keys, kv_block_scales)
+    # A (batch, head)'s start in Out and Lse in 64 bits: B * H * N * D may pass 2^31.
+    for name, dtype in (("Out", "bf16"), ("Lse", "f32")):
+        assert re.search(rf"tt\.addptr %{name}, %\w+ : !tt\.ptr<{dtype}>, i64", asm["ttgir"]), (name, case)
+    # FP8 wgmma, both products: S (N = each tile's keys), P V (N = head dim)
+    for n in {tile_a, tile_b or tile_a, head_dim}:
         assert f"wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3" in ptx, case
-    assert "wgmma.wait_group.sync.aligned 1" in ptx, case  # P V left in flight under the softmax
+    # P V, one product a tile, left in flight under the softmax
+    assert f"wgmma.wait_group.sync.aligned {2 if tile_b else 1}" in ptx, case
     # P packed in place: no shuffles between threads (one broadcasts the warp index at the start).
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and ptx.count("shfl.sync.idx") <= 1, case
     # Buffers handed back per warp through named barriers, not one thread's mbarrier arrive.
     assert "bar.arrive" in ptx and "mbarrier.arrive.shared::cta" not in ptx, case
     # Part of the exponentials on the FMA pipe: its rounding constant, 1.5 x 2^23, is there.
     assert "ex2.approx" in ptx and "0f4B400000" in ptx, case
+
+# The portable kernel: its (batch, head) offsets in 64 bits too.
+from triton.compiler import ASTSource
+from flashdispatch.backends.fp8_hopper.kernel import fp8_attention_forward
+
+fn = fp8_attention_forward
+constexprs = dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=128, CAUSAL=False)
+types = {name: "*fp8e4nv" for name in ("Q", "K", "Vt")} | {"Out": "*bf16", "Lse": "*fp32", "QDescale": "*fp32",
+                                                           "KDescale": "*fp32", "VDescale": "*fp32", "scale": "fp32"}
+signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
+src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+ttgir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ttgir"]
+for name in ("Q", "K", "Vt", "Out"):
+    assert re.search(rf"tt\.addptr %{name}, %\w+ : !tt\.ptr<\w+>, i64", ttgir), name
 print("ok")
 """
 

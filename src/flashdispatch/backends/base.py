@@ -18,17 +18,24 @@ from ..dispatcher.problem import Problem
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second (and third) axis, where kernels put batch x heads
 
 
-def triton_grid_reasons(problem: Problem) -> list[str]:
+def triton_grid_reasons(problem: Problem, per_head_offsets: bool = False) -> list[str]:
     """The limits shared by the Triton kernels: batch x query heads on the grid's second axis, and
-    32-bit element offsets (a tensor of 2^31 elements or more would wrap them)."""
+    32-bit element offsets: into a whole tensor (2^31 elements or more would wrap them), or with
+    per_head_offsets (kernels that take a (batch, head)'s start in 64 bits) into one head's rows."""
     reasons = []
     if problem.batch * problem.heads_q > MAX_GRID_Y:
         reasons.append(f"batch x query heads = {problem.batch * problem.heads_q}: at most {MAX_GRID_Y} "
                        f"(the kernels' second grid axis)")
-    elements = max(problem.total_q * problem.heads_q, problem.total_k * problem.heads_kv) * max(
-        problem.head_dim, problem.head_dim_v)
-    if elements >= 2**31:
-        reasons.append(f"a tensor of {elements} elements: under 2^31 only (the kernels' offsets are 32-bit)")
+    width = max(problem.head_dim, problem.head_dim_v)
+    if per_head_offsets:
+        elements = max(problem.seqlen_q, problem.seqlen_k) * width
+        if elements >= 2**31:
+            reasons.append(f"a head of {elements} elements: under 2^31 only (the kernels' offsets within a head "
+                           f"are 32-bit)")
+    else:
+        elements = max(problem.total_q * problem.heads_q, problem.total_k * problem.heads_kv) * width
+        if elements >= 2**31:
+            reasons.append(f"a tensor of {elements} elements: under 2^31 only (the kernels' offsets are 32-bit)")
     return reasons
 
 

@@ -95,7 +95,7 @@ def _kernel_note(problem: Problem) -> str:
 
 def quantization_blocks(problem: Problem) -> tuple[int, int]:
     """(query rows, keys) per quantization block: the tile of the kernel that will run."""
-    return hopper_tile() if _warp_specialized(problem) else tiles(problem.head_dim, problem.causal)[:2]
+    return hopper_tile(problem.head_dim, problem.causal) if _warp_specialized(problem) else tiles(problem.head_dim, problem.causal)[:2]
 
 
 log = logging.getLogger("flashdispatch")
@@ -147,7 +147,7 @@ class Fp8HopperBackend(Backend):
             reasons.append("bfloat16 inputs are wrong in Triton's CPU interpreter (3.4-3.9); float16 and float8 work")
         if problem.head_dim not in HEAD_DIMS:
             reasons.append(f"head_dim {problem.head_dim} not supported (supports {', '.join(map(str, HEAD_DIMS))})")
-        return reasons + triton_grid_reasons(problem)
+        return reasons + triton_grid_reasons(problem, per_head_offsets=True)
 
     def notes(self, problem: Problem, caps: Capabilities) -> list[str]:
         from ...dispatcher.policy import active_policy
@@ -188,7 +188,7 @@ def _run(q, k, v, descales, v_in_kernel_layout, problem, warp_specialized):
     else:
         from .quantize import quantize
 
-        rows, keys = (hopper_tile() if warp_specialized else tiles(problem.head_dim, problem.causal)[:2])
+        rows, keys = (hopper_tile(problem.head_dim, problem.causal) if warp_specialized else tiles(problem.head_dim, problem.causal)[:2])
         signs = _rotation_signs(problem.head_dim, q.device)
         out_dtype = q.dtype
         q8, q_scales = quantize(q, rows, signs)
@@ -229,11 +229,12 @@ def _log_once(message: str) -> None:
         log.warning(message)
 
 
-def hopper_tile() -> tuple[int, int]:
-    """(query rows, keys) of the Gluon kernel's tile: its quantization blocks."""
+def hopper_tile(head_dim: int, causal: bool) -> tuple[int, int]:
+    """(query rows, keys a step) of the Gluon kernel at `head_dim`, causal or not: its quantization
+    blocks."""
     from . import hopper
 
-    return hopper.BLOCK_M, hopper.BLOCK_N
+    return hopper.BLOCK_M, hopper.step_keys(head_dim, causal)
 
 
 class KernelLayoutV(torch.Tensor):

@@ -42,14 +42,27 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ..triton.hopper import _block_softmax, _key_blocks, _write_rows
+from ..triton.hopper import _block_softmax, _exp2, _key_blocks, _row_reduce, _write_rows
 
 LOG2E = 1.4426950408889634
 P_SHIFT = gl.constexpr(8.0)  # the same 2^8 as kernel.P_SHIFT: small probabilities stay normal in e4m3
 BLOCK_M = 128  # also the quantization block of Q
-BLOCK_N = 128  # also the quantization block of K and V
+# Keys a step, per head dim, without and with a causal mask: also the quantization block of K and
+# V. A power of two is one score tile; a sum of two (192 = 128 + 64) two tiles (`step_tiles`):
+# Triton's shapes are powers of two. 192 at D = 128 was slower on an H100 (2026-12-06,
+# `sweep_fp8_gluon.py`: 548 against 774 TFLOP/s at 4k keys non-causal, 614 against 686 causal),
+# so every head dim takes 128.
+STEP_KEYS = {64: 128, 128: 128, 256: 128}
+CAUSAL_STEP_KEYS = {64: 128, 128: 128, 256: 128}
 STAGES = 2
 FMA_SHARE = 4  # 1 / FMA_SHARE of the exponentials on the FMA pipe (0: none), `_exp2` in ../triton/hopper.py
+# Head dims with one program per SM, each taking tile after tile, not one program per tile (H100,
+# 2026-12-06, D = 128 non-causal: 792 against 762 TFLOP/s at 4k keys, 825 against 823 at 16k).
+# Not D = 256, whose loop spills with it (312 B at causal, sm_90a), and not causal: its tiles' work
+# differs, and taken round-robin (program p: tiles p, p + SMs, ...) it piles up (4k keys, 2048
+# tiles: 288 key blocks for programs p = 0 mod 4, 240 for p = 3 mod 4), where one program per tile
+# lets the hardware hand the next tile to whichever SM is free.
+PERSISTENT = (64, 128)
 NUM_WARPS = 4  # the first consumer warpgroup; the second and the producer warp are worker partitions
 MAX_REGISTERS = 168
 # Scales are kept at or above float32's smallest normal number: a zero descale (FlashAttention-3's
@@ -71,6 +84,29 @@ _failure: str | None = None
 # Triton's own barriers use the low ids; K's slots take FREE_ID.., V's FREE_ID + STAGES...
 FREE_ID = gl.constexpr(8)
 FREE_THREADS = gl.constexpr(32 * (NUM_WARPS + 4 + 1))  # both consumer warpgroups and the producer warp
+# Q's buffer goes back the same way, after a tile's last scores, through id FREE_ID + 2 * STAGES
+# (`_q_free`; so STAGES is at most 3).
+
+
+@gluon.jit
+def _q_free(STAGES: gl.constexpr):
+    return FREE_ID + 2 * STAGES
+
+
+def step_tiles(keys: int) -> tuple[int, int]:
+    """The score tiles of a step of `keys` keys: (the largest power of two in it, the rest), the rest
+    0 or a smaller power of two."""
+    first = 1 << (keys.bit_length() - 1)
+    rest = keys - first
+    if rest & (rest - 1):
+        raise ValueError(f"STEP_KEYS: {keys} keys are not one or two powers of two")
+    return first, rest
+
+
+@triton.constexpr_function
+def _first_tile(keys):
+    """`step_tiles(keys)[0]` inside kernels."""
+    return 1 << (keys.bit_length() - 1)
 
 
 @gluon.jit
@@ -89,31 +125,78 @@ def _named_sync(barrier_id, threads):
 
 
 @gluon.jit
-def _producer(descs, smem, bars, coords, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr):
-    """The load warp: Q once, then K_i and V_i^T into their rings as both consumers hand buffers back."""
-    q_desc, k_desc, vt_desc = descs
-    q_smem, k_smem, vt_smem = smem
+def _tile(t, geometry, BLOCK_M: gl.constexpr):
+    """Tile t of the grid's: (b, h, h_kv, m_block). Tiles go head by head (the programs at work at
+    once share K and V in L2), each head's row blocks last to first (with a causal mask the last
+    ones see the most keys: longest first)."""
+    seqlen_q, seqlen_k, heads, group, tiles = geometry
+    m_blocks = gl.cdiv(seqlen_q, BLOCK_M)
+    bh = t // m_blocks
+    h = bh % heads
+    return bh // heads, h, h // group, m_blocks - 1 - t % m_blocks
+
+
+@gluon.jit
+def _load_tile(t, loads, queries, descs, smem, bars, geometry, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The producer's part of tile t: its Q, once the consumers are done with the previous tile's,
+    then its K_i and V_i^T into their rings as the consumers hand buffers back. loads: key blocks
+    loaded by this program so far (the n-th goes to ring slot n % STAGES); queries: tiles whose Q
+    was loaded. Returns both, counting this tile's."""
+    q_desc, k_desc, kb_desc, vt_desc, vtb_desc = descs
+    q_smem, k_smem, kb_smem, vt_smem, vtb_smem = smem
     q_ready, k_ready, v_ready = bars
-    b, h, h_kv, m0, seqlen_q, seqlen_k = coords
-    num_blocks, full_end = _key_blocks(m0, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+    seqlen_q, seqlen_k, heads, group, tiles = geometry
+    TILE_A: gl.constexpr = _first_tile(BLOCK_N)
+    TILE_B: gl.constexpr = BLOCK_N - TILE_A
+    K_BYTES: gl.constexpr = k_desc.block_type.nbytes + (kb_desc.block_type.nbytes if TILE_B > 0 else 0)
+    V_BYTES: gl.constexpr = vt_desc.block_type.nbytes + (vtb_desc.block_type.nbytes if TILE_B > 0 else 0)
+    b, h, h_kv, m_block = _tile(t, geometry, BLOCK_M)
+    num_blocks, full_end = _key_blocks(m_block * BLOCK_M, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
     if num_blocks > 0:
+        if queries > 0:
+            _named_sync(_q_free(STAGES), FREE_THREADS)
         mbarrier.expect(q_ready, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [b, h, m0, 0], q_ready, q_smem)
+        tma.async_copy_global_to_shared(q_desc, [b, h, m_block * BLOCK_M, 0], q_ready, q_smem)
     for i in range(num_blocks):
-        slot = i % STAGES
-        if i >= STAGES:  # the first pass through the ring finds every buffer free
+        n = loads + i
+        slot = n % STAGES
+        if n >= STAGES:  # the first pass through the ring finds every buffer free
             _named_sync(FREE_ID + slot, FREE_THREADS)
-        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+        mbarrier.expect(k_ready.index(slot), K_BYTES)
         tma.async_copy_global_to_shared(k_desc, [b, h_kv, i * BLOCK_N, 0], k_ready.index(slot), k_smem.index(slot))
-        if i >= STAGES:
+        if TILE_B > 0:
+            tma.async_copy_global_to_shared(kb_desc, [b, h_kv, i * BLOCK_N + TILE_A, 0], k_ready.index(slot),
+                                            kb_smem.index(slot))
+        if n >= STAGES:
             _named_sync(FREE_ID + STAGES + slot, FREE_THREADS)
-        mbarrier.expect(v_ready.index(slot), vt_desc.block_type.nbytes)
+        mbarrier.expect(v_ready.index(slot), V_BYTES)
         tma.async_copy_global_to_shared(vt_desc, [b, h_kv, 0, i * BLOCK_N], v_ready.index(slot), vt_smem.index(slot))
+        if TILE_B > 0:
+            tma.async_copy_global_to_shared(vtb_desc, [b, h_kv, 0, i * BLOCK_N + TILE_A], v_ready.index(slot),
+                                            vtb_smem.index(slot))
+    return loads + num_blocks, queries + (num_blocks > 0).to(gl.int32)
+
+
+@gluon.jit
+def _producer(descs, smem, bars, geometry, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr, PERSISTENT: gl.constexpr):
+    """The load warp: the program's tile, or with PERSISTENT tile after tile (`_load_tile`)."""
+    if PERSISTENT:
+        loads = 0
+        queries = 0
+        for t in range(gl.program_id(0), geometry[4], gl.num_programs(0)):
+            loads, queries = _load_tile(t, loads, queries, descs, smem, bars, geometry, CAUSAL, BLOCK_M, BLOCK_N,
+                                        STAGES)
+    else:
+        loads, queries = _load_tile(gl.program_id(0), 0, 0, descs, smem, bars, geometry, CAUSAL, BLOCK_M, BLOCK_N,
+                                    STAGES)
     # Take the last hand-backs too, so that no named barrier is left part-way at exit.
-    for i in range(gl.maximum(num_blocks - STAGES, 0), num_blocks):
-        _named_sync(FREE_ID + i % STAGES, FREE_THREADS)
-        _named_sync(FREE_ID + STAGES + i % STAGES, FREE_THREADS)
+    for n in range(gl.maximum(loads - STAGES, 0), loads):
+        _named_sync(FREE_ID + n % STAGES, FREE_THREADS)
+        _named_sync(FREE_ID + STAGES + n % STAGES, FREE_THREADS)
+    if queries > 0:
+        _named_sync(_q_free(STAGES), FREE_THREADS)
 
 
 @gluon.jit
@@ -130,146 +213,286 @@ def _as_operand(p, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.const
         "mov.b32 $0, {lo, hi}; }", "=r,r,r,r,r", [p], dtype=gl.float8e4nv, is_pure=True, pack=4)
 
 
+@triton.constexpr_function
+def _accumulator_layout(columns):
+    """A consumer warpgroup's wgmma accumulator layout for (64, columns) results."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, columns, 32])
+
+
 @gluon.jit
-def _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-              ME: gl.constexpr):
-    """Compute warpgroup ME (0 or 1): rows ME * 64 .. ME * 64 + 63 of the program's block."""
-    q_smem, k_smem, vt_smem = smem
+def _scores(q, k_smem, kb_smem, slot, zero_a, zero_b, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Issue S = Q K^T of the step in ring slot `slot`: tile A, and tile B where the step has one
+    (else zero_b comes back as it is)."""
+    TILE_A: gl.constexpr = _first_tile(BLOCK_N)
+    TILE_B: gl.constexpr = BLOCK_N - TILE_A
+    s_a = warpgroup_mma(q, k_smem.index(slot).reshape([TILE_A, HEAD_DIM]).permute((1, 0)), zero_a, use_acc=False,
+                        is_async=True)
+    s_b = zero_b
+    if TILE_B > 0:
+        s_b = warpgroup_mma(q, kb_smem.index(slot).reshape([TILE_B, HEAD_DIM]).permute((1, 0)), zero_b,
+                            use_acc=False, is_async=True)
+    return s_a, s_b
+
+
+@gluon.jit
+def _await_scores(s_a, s_b, PENDING: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The step's scores, once at most PENDING later products are still in flight."""
+    if BLOCK_N - _first_tile(BLOCK_N) > 0:
+        s_a, s_b = warpgroup_mma_wait(PENDING, deps=(s_a, s_b))
+    else:
+        s_a = warpgroup_mma_wait(PENDING, deps=(s_a,))
+    return s_a, s_b
+
+
+@gluon.jit
+def _operands(p_a, p_b, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr):
+    """The step's P as e4m3 A operands of P V (`_as_operand`): tile A's and, where it has one, B's."""
+    TILE_A: gl.constexpr = _first_tile(BLOCK_N)
+    TILE_B: gl.constexpr = BLOCK_N - TILE_A
+    op_a = _as_operand(p_a, ROWS, TILE_A, p_layout)
+    op_b = op_a
+    if TILE_B > 0:
+        op_b = _as_operand(p_b, ROWS, TILE_B, p_layout)
+    return op_a, op_b
+
+
+@gluon.jit
+def _products(o, op_a, op_b, vt_smem, vtb_smem, slot, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Issue O += P V of the step in ring slot `slot`."""
+    TILE_A: gl.constexpr = _first_tile(BLOCK_N)
+    TILE_B: gl.constexpr = BLOCK_N - TILE_A
+    o = warpgroup_mma(op_a, vt_smem.index(slot).reshape([HEAD_DIM, TILE_A]).permute((1, 0)), o, is_async=True)
+    if TILE_B > 0:
+        o = warpgroup_mma(op_b, vtb_smem.index(slot).reshape([HEAD_DIM, TILE_B]).permute((1, 0)), o, is_async=True)
+    return o
+
+
+@gluon.jit
+def _masked(s, n0, rows, seqlen_k, shift, CAUSAL: gl.constexpr, layout: gl.constexpr):
+    """s (ROWS, keys) of the keys from n0 on, -inf where a row does not see the key."""
+    cols = n0 + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, layout))
+    visible = gl.expand_dims(cols, 0) < seqlen_k
+    if CAUSAL:
+        visible = visible & (gl.expand_dims(cols, 0) <= gl.expand_dims(gl.convert_layout(rows, gl.SliceLayout(
+            1, layout)), 1) + shift)
+    return gl.where(visible, s, float("-inf"))
+
+
+@gluon.jit
+def _step_softmax(s_a, s_b, row_max, row_sum, rows, n0, full_end, seqlen_k, shift, qk_scale, CAUSAL: gl.constexpr,
+                  BLOCK_N: gl.constexpr, a_layout: gl.constexpr, b_layout: gl.constexpr, FMA_SHARE: gl.constexpr):
+    """The online softmax of the step at key n0 (`_block_softmax`, over both tiles where it has
+    two): P_a, P_b (float32, x 2^P_SHIFT), the new running max and sum, and O's factor."""
+    TILE_A: gl.constexpr = _first_tile(BLOCK_N)
+    TILE_B: gl.constexpr = BLOCK_N - TILE_A
+    if TILE_B == 0:
+        p_a, row_max, row_sum, alpha = _block_softmax(s_a, row_max, row_sum, rows, n0, full_end, seqlen_k, shift,
+                                                      qk_scale, CAUSAL, TILE_A, a_layout, P_SHIFT, True, FMA_SHARE)
+        return p_a, s_b, row_max, row_sum, alpha
+    a_rows: gl.constexpr = gl.SliceLayout(1, a_layout)
+    b_rows: gl.constexpr = gl.SliceLayout(1, b_layout)
+    if n0 + BLOCK_N > full_end:
+        s_a = _masked(s_a, n0, rows, seqlen_k, shift, CAUSAL, a_layout)
+        s_b = _masked(s_b, n0 + TILE_A, rows, seqlen_k, shift, CAUSAL, b_layout)
+    step_max = gl.maximum(_row_reduce(s_a, True, True, a_rows),
+                          gl.convert_layout(_row_reduce(s_b, True, True, b_rows), a_rows))
+    new_max = gl.maximum(row_max, step_max * qk_scale)
+    # A row that has seen no visible key yet keeps max -inf: shift it by 0 instead.
+    base = gl.where(new_max == float("-inf"), 0.0, new_max) - P_SHIFT
+    p_a = gl.convert_layout(_exp2(s_a * qk_scale - gl.expand_dims(base, 1), FMA_SHARE), a_layout)
+    p_b = gl.convert_layout(_exp2(s_b * qk_scale - gl.expand_dims(gl.convert_layout(base, b_rows), 1), FMA_SHARE),
+                            b_layout)
+    alpha = gl.exp2(row_max - (base + P_SHIFT))
+    row_sum = row_sum * alpha + _row_reduce(p_a, False, True, a_rows) + gl.convert_layout(
+        _row_reduce(p_b, False, True, b_rows), a_rows)
+    return p_a, p_b, new_max, row_sum, alpha
+
+
+@gluon.jit
+def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, ME: gl.constexpr):
+    """Compute warpgroup ME's part of tile t: rows ME * 64 .. ME * 64 + 63 of its row block, key
+    steps of BLOCK_N (one or two score tiles: `step_tiles`). uses: key steps used by this program
+    so far (the n-th in ring slot n % STAGES, phase (n // STAGES) & 1); queries: tiles whose Q was
+    used. Returns both, counting this tile's. KV_BLOCK_SCALES: K's and V's descales change from step
+    to step (quantized here), else one per head (pre-quantized), read once."""
+    q_smem, k_smem, kb_smem, vt_smem, vtb_smem = smem
     q_ready, k_ready, v_ready = bars
-    b, h, h_kv, m0, seqlen_q, seqlen_k = coords
-    q_scale, k_descale, stride_ksn, v_descale, stride_vsn = scales  # K's and V's: block 0's, and the block stride
+    seqlen_q, seqlen_k, heads, group, tiles = geometry
+    (QDescale, KDescale, VDescale, stride_qsb, stride_qsh, stride_qsm, stride_ksb, stride_ksh, stride_ksn,
+     stride_vsb, stride_vsh, stride_vsn, q_scale_group, scale_log2) = scales
     Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh = outputs
     ROWS: gl.constexpr = BLOCK_M // 2
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 32])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 32])
+    TILE_A: gl.constexpr = _first_tile(BLOCK_N)
+    TILE_B: gl.constexpr = BLOCK_N - TILE_A
+    a_layout: gl.constexpr = _accumulator_layout(TILE_A)  # S's tiles
+    b_layout: gl.constexpr = _accumulator_layout(TILE_B if TILE_B > 0 else TILE_A)
+    o_layout: gl.constexpr = _accumulator_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_layout: gl.constexpr = gl.SliceLayout(1, a_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    num_blocks, full_end = _key_blocks(m0, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+    # Products issued after a step's scores, left in flight while they are awaited: P V's
+    PENDING: gl.constexpr = 2 if TILE_B > 0 else 1
     shift = seqlen_k - seqlen_q
     q = q_smem.reshape([BLOCK_M, HEAD_DIM]).slice(ME * ROWS, ROWS)
+    zero_a = gl.zeros([ROWS, TILE_A], gl.float32, layout=a_layout)
+    zero_b = gl.zeros([ROWS, TILE_B if TILE_B > 0 else TILE_A], gl.float32, layout=b_layout)
+
+    b, h, h_kv, m_block = _tile(t, geometry, BLOCK_M)
+    m0 = m_block * BLOCK_M
+    q_scale = gl.load(QDescale + b * stride_qsb + (h // q_scale_group) * stride_qsh + m_block * stride_qsm) \
+        * scale_log2
+    k_descale = KDescale + b * stride_ksb + h_kv * stride_ksh
+    v_descale = VDescale + b * stride_vsb + h_kv * stride_vsh
+    num_blocks, full_end = _key_blocks(m0, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
     rows = m0 + ME * ROWS + gl.arange(0, ROWS, layout=row_layout)
     row_max = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
     row_sum = gl.zeros([ROWS], gl.float32, layout=row_layout)
     o = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     v_scale = 1.0
 
     if num_blocks > 0:
-        # Block 0: scores and softmax, nothing to overlap with yet.
-        mbarrier.wait(q_ready, 0)
-        mbarrier.wait(k_ready.index(0), 0)
-        s = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
-                          use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s,))
-        _named_arrive(FREE_ID, FREE_THREADS)
+        # Step 0: scores and softmax, nothing to overlap with yet.
+        mbarrier.wait(q_ready, queries & 1)
+        mbarrier.wait(k_ready.index(uses % STAGES), (uses // STAGES) & 1)
+        s_a, s_b = _scores(q, k_smem, kb_smem, uses % STAGES, zero_a, zero_b, HEAD_DIM, BLOCK_N)
+        s_a, s_b = _await_scores(s_a, s_b, 0, BLOCK_N)
+        _named_arrive(FREE_ID + uses % STAGES, FREE_THREADS)
         qk_scale = gl.maximum(q_scale * gl.load(k_descale), MIN_SCALE)
         v_scale = gl.maximum(gl.load(v_descale), MIN_SCALE)
-        p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, 0, full_end, seqlen_k, shift,
-                                                    qk_scale, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True, FMA_SHARE)
+        p_a, p_b, row_max, row_sum, alpha = _step_softmax(s_a, s_b, row_max, row_sum, rows, 0, full_end, seqlen_k,
+                                                          shift, qk_scale, CAUSAL, BLOCK_N, a_layout, b_layout,
+                                                          FMA_SHARE)
 
         for j in range(1, num_blocks):
             # S_j = Q K_j^T and O += P_{j-1} V_{j-1}, both in flight at once.
-            slot = j % STAGES
-            prev = (j - 1) % STAGES
-            qk_scale = gl.maximum(q_scale * gl.load(k_descale + j * stride_ksn), MIN_SCALE)
-            next_v_scale = gl.maximum(gl.load(v_descale + j * stride_vsn), MIN_SCALE)
-            mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
-            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-            p_op = _as_operand(p, ROWS, BLOCK_N, p_layout)
-            s = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
-                              use_acc=False, is_async=True)
-            o = warpgroup_mma(p_op, vt_smem.index(prev).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), o,
-                              is_async=True)
-            s = warpgroup_mma_wait(1, deps=(s,))
+            n = uses + j
+            slot = n % STAGES
+            prev = (n - 1) % STAGES
+            if KV_BLOCK_SCALES:
+                qk_scale = gl.maximum(q_scale * gl.load(k_descale + j * stride_ksn), MIN_SCALE)
+                next_v_scale = gl.maximum(gl.load(v_descale + j * stride_vsn), MIN_SCALE)
+            mbarrier.wait(k_ready.index(slot), (n // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((n - 1) // STAGES) & 1)
+            # P_{j-1} packed first: its float32 registers are free before S_j takes its own.
+            op_a, op_b = _operands(p_a, p_b, ROWS, BLOCK_N, p_layout)
+            s_a, s_b = _scores(q, k_smem, kb_smem, slot, zero_a, zero_b, HEAD_DIM, BLOCK_N)
+            o = _products(o, op_a, op_b, vt_smem, vtb_smem, prev, HEAD_DIM, BLOCK_N)
+            s_a, s_b = _await_scores(s_a, s_b, PENDING, BLOCK_N)
             _named_arrive(FREE_ID + slot, FREE_THREADS)
 
-            # Softmax of block j under the running P V product.
-            n0 = j * BLOCK_N
-            p, row_max, row_sum, alpha = _block_softmax(s, row_max, row_sum, rows, n0, full_end, seqlen_k, shift,
-                                                        qk_scale, CAUSAL, BLOCK_N, s_layout, P_SHIFT, True, FMA_SHARE)
+            # Softmax of step j under the running P V product.
+            p_a, p_b, row_max, row_sum, alpha = _step_softmax(s_a, s_b, row_max, row_sum, rows, j * BLOCK_N,
+                                                              full_end, seqlen_k, shift, qk_scale, CAUSAL, BLOCK_N,
+                                                              a_layout, b_layout, FMA_SHARE)
             o = warpgroup_mma_wait(0, deps=(o,))
             _named_arrive(FREE_ID + STAGES + prev, FREE_THREADS)
-            # O moves to block j's max and to block j's V descale in one multiply.
-            o = o * gl.expand_dims(gl.convert_layout(alpha * (v_scale / next_v_scale), o_rows), 1)
-            v_scale = next_v_scale
+            if KV_BLOCK_SCALES:  # O moves to step j's max and to step j's V descale in one multiply
+                o = o * gl.expand_dims(gl.convert_layout(alpha * (v_scale / next_v_scale), o_rows), 1)
+                v_scale = next_v_scale
+            else:  # 40 instructions a step fewer (sm_90a SASS): the loads, and the division's
+                o = o * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+        _named_arrive(_q_free(STAGES), FREE_THREADS)  # every S of the tile is done: the next tile's Q may come
 
-        # The last block's P V.
-        last = num_blocks - 1
+        # The last step's P V.
+        last = uses + num_blocks - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        p_op = _as_operand(p, ROWS, BLOCK_N, p_layout)
-        o = warpgroup_mma(p_op, vt_smem.index(last % STAGES).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), o,
-                          is_async=True)
+        op_a, op_b = _operands(p_a, p_b, ROWS, BLOCK_N, p_layout)
+        o = _products(o, op_a, op_b, vt_smem, vtb_smem, last % STAGES, HEAD_DIM, BLOCK_N)
         o = warpgroup_mma_wait(0, deps=(o,))
         _named_arrive(FREE_ID + STAGES + last % STAGES, FREE_THREADS)
 
-    _write_rows(o, row_max, row_sum, v_scale, rows, m0 + ME * ROWS, seqlen_q, Out + b * stride_ob + h * stride_oh,
-                stride_om, Lse + b * stride_lb + h * stride_lh, P_SHIFT, HEAD_DIM, o_layout)
+    # int64 offsets: B * H * N * D may pass 2^31 elements (a head's N * D may not: the backend checks).
+    b64 = b.to(gl.int64)
+    h64 = h.to(gl.int64)
+    _write_rows(o, row_max, row_sum, v_scale, rows, m0 + ME * ROWS, seqlen_q, Out + b64 * stride_ob + h64 * stride_oh,
+                stride_om, Lse + b64 * stride_lb + h64 * stride_lh, P_SHIFT, HEAD_DIM, o_layout)
+    return uses + num_blocks, queries + (num_blocks > 0).to(gl.int32)
 
 
 @gluon.jit
-def _first_consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr):
-    _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, 0)
+def _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
+              KV_BLOCK_SCALES: gl.constexpr, PERSISTENT: gl.constexpr, ME: gl.constexpr):
+    """Compute warpgroup ME (0 or 1): the program's tile, or with PERSISTENT tile after tile."""
+    if PERSISTENT:
+        uses = 0
+        queries = 0
+        for t in range(gl.program_id(0), geometry[4], gl.num_programs(0)):
+            uses, queries = _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM,
+                                          BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, ME)
+    else:
+        _compute_tile(gl.program_id(0), 0, 0, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M,
+                      BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, ME)
 
 
 @gluon.jit
-def _second_consumer(descs, smem, bars, coords, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr):
-    _consumer(descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, 1)
+def _first_consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
+                    KV_BLOCK_SCALES: gl.constexpr, PERSISTENT: gl.constexpr):
+    _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
+              KV_BLOCK_SCALES, PERSISTENT, 0)
+
+
+@gluon.jit
+def _second_consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
+                     KV_BLOCK_SCALES: gl.constexpr, PERSISTENT: gl.constexpr):
+    _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
+              KV_BLOCK_SCALES, PERSISTENT, 1)
 
 
 @gluon.jit
 def fp8_hopper_forward(
-    q_desc, k_desc, vt_desc, Out, Lse, QDescale, KDescale, VDescale,
+    q_desc, k_desc, kb_desc, vt_desc, vtb_desc, Out, Lse, QDescale, KDescale, VDescale,
     stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
     stride_qsb, stride_qsh, stride_qsm, stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
-    seqlen_q, seqlen_k, heads, group, q_scale_group, scale_log2,
+    seqlen_q, seqlen_k, heads, group, q_scale_group, scale_log2, batch_heads,
     CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
+    STAGES: gl.constexpr, FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr,
+    PERSISTENT: gl.constexpr,
 ):
-    """Grid: (query blocks, batch * query heads). Out (B, Hq, Nq, D) through its strides, Lse (B, Hq,
-    Nq). QDescale is read at (b, h // q_scale_group, row block), KDescale and VDescale at (b, h_kv,
-    key block): strides in elements, a block stride of 0 for one descale per head. scale_log2:
-    scale x log2(e), positive."""
-    # Row blocks in reverse: with a causal mask the last ones see the most keys; longest first.
-    m_block = gl.num_programs(0) - 1 - gl.program_id(0)
-    m0 = m_block * BLOCK_M
-    b = gl.program_id(1) // heads
-    h = gl.program_id(1) % heads
-    h_kv = h // group
-    q_scale = gl.load(QDescale + b * stride_qsb + (h // q_scale_group) * stride_qsh + m_block * stride_qsm) * scale_log2
-    k_descale = KDescale + b * stride_ksb + h_kv * stride_ksh
-    v_descale = VDescale + b * stride_vsb + h_kv * stride_vsh
-
+    """Grid: (programs,), each taking tiles (a row block of a (batch, query head)) program_id,
+    program_id + programs, ... of the batch_heads x row blocks (`_tile`): as many programs as tiles,
+    or fewer (persistent: a program's next tile loads while it finishes one). Out (B, Hq, Nq, D)
+    through its strides, Lse (B, Hq, Nq). QDescale is read at (b, h // q_scale_group, row block),
+    KDescale and VDescale at (b, h_kv, key block): strides in elements, a block stride of 0 for one
+    descale per head. scale_log2: scale x log2(e), positive. A key step of BLOCK_N keys is tile A
+    of k_desc's and vt_desc's blocks, and where BLOCK_N is two powers of two (`step_tiles`) tile B
+    of kb_desc's and vtb_desc's (else those are k_desc and vt_desc again, unused)."""
+    TILE_A: gl.constexpr = _first_tile(BLOCK_N)
+    TILE_B: gl.constexpr = BLOCK_N - TILE_A
     q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     vt_smem = gl.allocate_shared_memory(vt_desc.dtype, [STAGES] + vt_desc.block_type.shape, vt_desc.layout)
+    kb_smem = k_smem
+    vtb_smem = vt_smem
+    if TILE_B > 0:
+        kb_smem = gl.allocate_shared_memory(kb_desc.dtype, [STAGES] + kb_desc.block_type.shape, kb_desc.layout)
+        vtb_smem = gl.allocate_shared_memory(vtb_desc.dtype, [STAGES] + vtb_desc.block_type.shape, vtb_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    gl.static_assert(FREE_ID + 2 * STAGES <= 16, "named barriers: a CTA has 16")
+    gl.static_assert(FREE_ID + 2 * STAGES < 16, "named barriers: a CTA has 16")
     mbarrier.init(q_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
 
-    descs = (q_desc, k_desc, vt_desc)
-    smem = (q_smem, k_smem, vt_smem)
+    descs = (q_desc, k_desc, kb_desc, vt_desc, vtb_desc)
+    smem = (q_smem, k_smem, kb_smem, vt_smem, vtb_smem)
     bars = (q_ready, k_ready, v_ready)
-    coords = (b, h, h_kv, m0, seqlen_q, seqlen_k)
-    scales = (q_scale, k_descale, stride_ksn, v_descale, stride_vsn)
+    geometry = (seqlen_q, seqlen_k, heads, group, gl.cdiv(seqlen_q, BLOCK_M) * batch_heads)
+    scales = (QDescale, KDescale, VDescale, stride_qsb, stride_qsh, stride_qsm, stride_ksb, stride_ksh, stride_ksn,
+              stride_vsb, stride_vsh, stride_vsn, q_scale_group, scale_log2)
     outputs = (Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh)
     gl.warp_specialize([
-        (_first_consumer, (descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                              FMA_SHARE)),
-        (_second_consumer, (descs, smem, bars, coords, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                              FMA_SHARE)),
-        (_producer, (descs, smem, bars, coords, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+        (_first_consumer, (descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                           FMA_SHARE, KV_BLOCK_SCALES, PERSISTENT)),
+        (_second_consumer, (descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                            FMA_SHARE, KV_BLOCK_SCALES, PERSISTENT)),
+        (_producer, (descs, smem, bars, geometry, CAUSAL, BLOCK_M, BLOCK_N, STAGES, PERSISTENT)),
     ], [4, 1], [240, 24])
 
 
@@ -322,28 +545,47 @@ def _block_strides(descale: torch.Tensor) -> tuple[int, int, int]:
     return (*descale.stride()[:2], descale.stride(2) if descale.dim() == 3 else 0)
 
 
+def step_keys(head_dim: int, causal: bool) -> int:
+    """Keys a step of the kernel at head dim `head_dim`, with a causal mask or not: also K's and
+    V's quantization block."""
+    return (CAUSAL_STEP_KEYS if causal else STEP_KEYS)[head_dim]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_only: bool = False):
     """(out, lse) of `problem` from e4m3 q8 (B, Hq, Nq, D), k8 (B, Hkv, Nk, D) and vt8 (B, Hkv, D,
-    N_pad) with its keys in `quantize.permute_keys`'s order and zero padding, or None where TMA cannot address them; compile_only: the compiled kernel, not run.
-    descales: float32 (q, k, v), each (B, H, blocks) (one per row block of BLOCK_M or key block of
-    BLOCK_N) or (B, H) (one per head); q's head index is h // q_scale_group."""
+    N_pad) with its keys in `quantize.permute_keys`'s order and zero padding, or None where TMA
+    cannot address them; compile_only: the compiled kernel, not run.
+    descales: float32 (q, k, v), each (B, H, blocks) (one per row block of BLOCK_M or key step of
+    `step_keys(D, causal)`) or (B, H) (one per head); q's head index is h // q_scale_group."""
     d = problem.head_dim
-    descriptors = (_descriptor(q8, [1, 1, BLOCK_M, d]), _descriptor(k8, [1, 1, BLOCK_N, d]),
-                   _descriptor(vt8, [1, 1, d, BLOCK_N]))
+    keys = step_keys(d, problem.causal)
+    tile_a, tile_b = step_tiles(keys)
+    tile_b = tile_b or tile_a  # one tile: descriptors B are A's again, unused
+    descriptors = (_descriptor(q8, [1, 1, BLOCK_M, d]), _descriptor(k8, [1, 1, tile_a, d]),
+                   _descriptor(k8, [1, 1, tile_b, d]), _descriptor(vt8, [1, 1, d, tile_a]),
+                   _descriptor(vt8, [1, 1, d, tile_b]))
     if None in descriptors:
         return None
     batch, heads_q, seqlen_q = q8.shape[:3]
     out = torch.empty(q8.shape, dtype=out_dtype, device=q8.device)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q8.device)
-    grid = (triton.cdiv(seqlen_q, BLOCK_M), batch * heads_q)
+    tiles = triton.cdiv(seqlen_q, BLOCK_M) * batch * heads_q
+    persistent = d in PERSISTENT and not problem.causal
+    grid = (min(tiles, _sm_count(q8.device)) if persistent else tiles,)
     kernel = fp8_hopper_forward.warmup if compile_only else fp8_hopper_forward[grid]
     extra = dict(grid=grid) if compile_only else {}
     try:
         compiled = kernel(*descriptors, out, lse, *descales, *out.stride()[:3], *lse.stride()[:2],
                *(s for descale in descales for s in _block_strides(descale)),
                seqlen_q, problem.seqlen_k, heads_q, problem.group_size, q_scale_group, problem.scale * LOG2E,
-               CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, FMA_SHARE=FMA_SHARE,
-               num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
+               batch * heads_q, CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=keys, STAGES=STAGES, FMA_SHARE=FMA_SHARE,
+               KV_BLOCK_SCALES=descales[1].dim() == 3 or descales[2].dim() == 3,
+               PERSISTENT=persistent, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
     except Exception as exc:  # noqa: BLE001 - fall back to the portable kernel, say so once
         if compile_only:
             raise

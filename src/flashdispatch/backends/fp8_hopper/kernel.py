@@ -81,15 +81,18 @@ def fp8_attention_forward(
         CAUSAL: tl.constexpr):
     # Grid: (query blocks, batch x query heads).
     m_block = tl.program_id(0)
-    bh = tl.program_id(1)
+    # int64 offsets: B * H * N * D may pass 2^31 elements, and so may a row's offset in a (B, N, H, D)
+    # view (N * H * D); a head's N * D may not (the backend checks).
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // heads_q
     h = bh % heads_q
     h_kv = h // group
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_offsets = rows.to(tl.int64)[:, None]
     dims = tl.arange(0, HEAD_DIM)
 
     # Q tile (BLOCK_M, D), e4m3, and this row block's descale.
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+    q = tl.load(Q + b * stride_qb + h * stride_qh + row_offsets * stride_qm + dims[None, :] * stride_qd,
                 mask=rows[:, None] < seqlen_q, other=0.0)
     q_scale = tl.load(QDescale + b * stride_qsb + h * stride_qsh + m_block * stride_qsm) * scale * LOG2E
     # Descales are float32 (B, H, blocks) with unit block stride: key block j's is k_descale + j.
@@ -113,14 +116,20 @@ def fp8_attention_forward(
     else:
         full_end = seqlen_k // BLOCK_N * BLOCK_N
     end = tl.maximum(end, 0)
+    # The key pointers advance a block per step (64-bit pointer arithmetic: start_n * stride_kn
+    # could pass 2^31 in a (B, N, H, D) view).
     for start_n in range(0, full_end, BLOCK_N):
-        acc, row_max, row_sum, v_scale = _key_block(acc, row_max, row_sum, v_scale, q, k_ptrs + start_n * stride_kn,
-                                                    v_ptrs + start_n * stride_vn, k_descale, v_descale, start_n,
-                                                    q_scale, rows, seqlen_k, shift, False, CAUSAL, BLOCK_N)
+        acc, row_max, row_sum, v_scale = _key_block(acc, row_max, row_sum, v_scale, q, k_ptrs, v_ptrs, k_descale,
+                                                    v_descale, start_n, q_scale, rows, seqlen_k, shift, False,
+                                                    CAUSAL, BLOCK_N)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
     for start_n in range(full_end, end, BLOCK_N):
-        acc, row_max, row_sum, v_scale = _key_block(acc, row_max, row_sum, v_scale, q, k_ptrs + start_n * stride_kn,
-                                                    v_ptrs + start_n * stride_vn, k_descale, v_descale, start_n,
-                                                    q_scale, rows, seqlen_k, shift, True, CAUSAL, BLOCK_N)
+        acc, row_max, row_sum, v_scale = _key_block(acc, row_max, row_sum, v_scale, q, k_ptrs, v_ptrs, k_descale,
+                                                    v_descale, start_n, q_scale, rows, seqlen_k, shift, True,
+                                                    CAUSAL, BLOCK_N)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
 
     # Normalise; a row that saw no key gets 0 and LSE -inf.
     acc = acc * v_scale
@@ -128,6 +137,6 @@ def fp8_attention_forward(
     out = acc / tl.where(seen, row_sum, 1.0)[:, None]
     lse = tl.where(seen, (row_max + tl.math.log2(tl.where(seen, row_sum, 1.0)) - P_SHIFT) * LN2, float("-inf"))
     row_ok = rows < seqlen_q
-    tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od,
+    tl.store(Out + b * stride_ob + h * stride_oh + row_offsets * stride_om + dims[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     tl.store(Lse + bh * seqlen_q + rows, lse, mask=row_ok)

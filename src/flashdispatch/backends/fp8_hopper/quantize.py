@@ -144,8 +144,8 @@ def _check(x: torch.Tensor, block_rows: int, signs) -> None:
         raise ValueError(f"x: expected float16, bfloat16 or float32, got {x.dtype}")
     if not _power_of_two(x.shape[-1]) or x.shape[-1] < PAD:
         raise ValueError(f"x: head dim must be a power of two >= {PAD}, got shape {tuple(x.shape)}")
-    if not _power_of_two(block_rows) or block_rows < PAD:
-        raise ValueError(f"block_rows: expected a power of two >= {PAD}, got {block_rows}")
+    if block_rows < PAD or block_rows % PAD:
+        raise ValueError(f"block_rows: expected a positive multiple of {PAD}, got {block_rows}")
     if signs is not None and signs.shape != (x.shape[-1],):
         raise ValueError(f"signs: expected shape ({x.shape[-1]},), got {tuple(signs.shape)}")
 
@@ -223,11 +223,12 @@ if triton is not None:
 
     @triton.jit
     def _store_e4m3(out, row0, rows, cols, y, scale, out_rows, SCALE: tl.constexpr, ROUND: tl.constexpr,
-                    TRANSPOSE: tl.constexpr, KEY_ORDER: tl.constexpr, HEAD_DIM: tl.constexpr):
+                    TRANSPOSE: tl.constexpr, KEY_ORDER: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    SCALE_ROWS: tl.constexpr):
         """y / scale in e4m3 (y's bytes as they are without SCALE) into rows row0 + rows and
         columns `cols` of one (batch, head)'s output: (out_rows, HEAD_DIM) row-major, or with
         TRANSPOSE (HEAD_DIM, out_rows), with KEY_ORDER its rows in `permute_keys`'s order. Rows >=
-        out_rows are not written."""
+        out_rows are not written, nor the tile's rows from SCALE_ROWS on (the next block's)."""
         if SCALE:
             # div_rn: IEEE division, as PyTorch's; Triton's `/` is an approximate one on the GPU.
             y = tl.clamp(tl.math.div_rn(y, scale), -448.0, 448.0)
@@ -240,7 +241,7 @@ if triton is not None:
             BLOCK_ROWS: tl.constexpr = y8.shape[0]
             y8 = tl.reshape(tl.permute(tl.reshape(y8, (BLOCK_ROWS // 16, 2, 4, 2, y8.shape[1])), (0, 2, 1, 3, 4)),
                             (BLOCK_ROWS, y8.shape[1]))
-        keep = row0 + rows < out_rows
+        keep = (row0 + rows < out_rows) & (rows < SCALE_ROWS)
         if TRANSPOSE:
             # Runs along the rows. out_rows is a multiple of 16 the compiler can see (n16 * 16), so
             # the mask is constant over aligned runs of 16 rows and the stores can be 16 bytes wide.
@@ -266,11 +267,11 @@ if triton is not None:
         stride_xb, stride_xh, stride_xn, stride_xd,
         heads, seqlen, n16,
         SCALE: tl.constexpr, ROTATE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr,
-        TRANSPOSE: tl.constexpr, KEY_ORDER: tl.constexpr, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-        INV_SQRT_D: tl.constexpr,
+        TRANSPOSE: tl.constexpr, KEY_ORDER: tl.constexpr, BLOCK_ROWS: tl.constexpr, SCALE_ROWS: tl.constexpr,
+        HEAD_DIM: tl.constexpr, INV_SQRT_D: tl.constexpr,
     ):
-        """One program: BLOCK_ROWS rows of one (batch, head), rotated (ROTATE), scaled by their
-        amax and written as e4m3 with their descale. Grid: (row blocks, batch * heads). Without
+        """One program: SCALE_ROWS rows of one (batch, head) (a tile of BLOCK_ROWS, the power of two
+        at or above), rotated (ROTATE), scaled by their amax and written as e4m3 with their descale. Grid: (row blocks, batch * heads). Without
         SCALE, X's bytes (e4m3 as uint8) are written unchanged, with no descale: a layout copy.
 
         M: the (HEAD_DIM, HEAD_DIM) rotation matrix diag(signs) H (ROTATE only). SPLIT: rotate
@@ -289,9 +290,9 @@ if triton is not None:
         # int64 offsets: B * H * N * D may pass 2^31 elements.
         b = (pid_bh // heads).to(tl.int64)
         h = (pid_bh % heads).to(tl.int64)
-        row0 = pid_m.to(tl.int64) * BLOCK_ROWS
+        row0 = pid_m.to(tl.int64) * SCALE_ROWS
         rows = tl.arange(0, BLOCK_ROWS)
-        row_ok = (row0 + rows < seqlen)[:, None]
+        row_ok = ((row0 + rows < seqlen) & (rows < SCALE_ROWS))[:, None]
         x_rows = X + b * stride_xb + h * stride_xh + (row0 + rows)[:, None] * stride_xn
         if TRANSPOSE:
             out_rows = n16.to(tl.int64) * 16
@@ -326,10 +327,11 @@ if triton is not None:
             scale = tl.where(scale > 0, scale, 1.0)
         else:
             scale = 1.0  # unused: the e4m3 bytes are written as they were read
-        _store_e4m3(out, row0, rows, cols, y, scale, out_rows, SCALE, ROUND, TRANSPOSE, KEY_ORDER, HEAD_DIM)
+        _store_e4m3(out, row0, rows, cols, y, scale, out_rows, SCALE, ROUND, TRANSPOSE, KEY_ORDER, HEAD_DIM,
+                    SCALE_ROWS)
         if SPLIT:
             _store_e4m3(out, row0, rows, WIDTH + cols, y_hi, scale, out_rows, SCALE, ROUND, TRANSPOSE, KEY_ORDER,
-                        HEAD_DIM)
+                        HEAD_DIM, SCALE_ROWS)
         if SCALE:
             tl.store(Descale + pid_bh * tl.num_programs(0) + pid_m, scale)
 
@@ -346,7 +348,8 @@ def _num_warps(head_dim: int, block_rows: int) -> int:
     # Enough warps that the float32 tile takes about 64 registers a thread (8 KiB a warp), 4 to 16.
     # On an H100 (docs/data/fp8-quantize-h100-2026-12-05.log, 128-row blocks) this was the fastest
     # of 4, 8 and 16 for the rotation at every D, and within 3% for the other passes.
-    return min(16, max(4, block_rows * head_dim // 2048))
+    tile_rows = 1 << (block_rows - 1).bit_length()  # the kernel's tile: the power of two at or above
+    return min(16, max(4, tile_rows * head_dim // 2048))
 
 
 def quantize(x, block_rows: int, signs=None, transpose: bool = False, key_order: bool = False,
@@ -355,9 +358,10 @@ def quantize(x, block_rows: int, signs=None, transpose: bool = False, key_order:
     descales without `signs`, and with them within the rotation's float32 rounding (module
     docstring: a few ulps in the descales, rarely an e4m3 value one step off).
 
-    Each program loads a (block_rows, D) tile of one (batch, head) through x's strides, rotates it
-    by a `tl.dot` with `rotation_matrix(signs)` (two of half the width for D >= 128), takes the
-    tile's amax and writes the e4m3 tile, transposed when asked, and its descale. Grid: (ceil(N /
+    Each program loads block_rows rows (any multiple of 16, in a tile of the power of two at or
+    above) of one (batch, head) through x's strides, rotates them by a `tl.dot` with
+    `rotation_matrix(signs)` (two of half the width for D >= 128), takes their amax and writes
+    them in e4m3, transposed when asked, and their descale. Grid: (ceil(N /
     block_rows), B * H). Ragged last blocks are masked: their missing rows count as zeros for the
     amax and are not written (except as the zero padding of the transposed layout). key_order:
     the transposed layout's keys in `permute_keys`'s order (the Hopper kernel's). num_warps:
@@ -385,8 +389,8 @@ def quantize(x, block_rows: int, signs=None, transpose: bool = False, key_order:
     quantize_kernel[(blocks, batch * heads)](
         x, matrix, out, descale, *x.stride(), heads, seqlen, n16, SCALE=True,
         ROTATE=signs is not None, SPLIT=_split(head_dim, signs is not None), IEEE=ieee, ROUND=interpreted,
-        TRANSPOSE=transpose, KEY_ORDER=key_order, BLOCK_ROWS=block_rows, HEAD_DIM=head_dim, INV_SQRT_D=_inv_sqrt(head_dim),
-        num_warps=num_warps or _num_warps(head_dim, block_rows))
+        TRANSPOSE=transpose, KEY_ORDER=key_order, BLOCK_ROWS=triton.next_power_of_2(block_rows), SCALE_ROWS=block_rows,
+        HEAD_DIM=head_dim, INV_SQRT_D=_inv_sqrt(head_dim), num_warps=num_warps or _num_warps(head_dim, block_rows))
     return out, descale
 
 
@@ -419,5 +423,6 @@ def rearrange_v(v: torch.Tensor) -> torch.Tensor:
     quantize_kernel[(blocks, batch * heads)](
         raw, raw, raw_out, raw_out, *v.stride(), heads, seqlen, n16,
         SCALE=False, ROTATE=False, SPLIT=False, IEEE=False, ROUND=False, TRANSPOSE=True, KEY_ORDER=True,
-        BLOCK_ROWS=block_rows, HEAD_DIM=head_dim, INV_SQRT_D=1.0, num_warps=_num_warps(head_dim, block_rows))
+        BLOCK_ROWS=block_rows, SCALE_ROWS=block_rows, HEAD_DIM=head_dim, INV_SQRT_D=1.0,
+        num_warps=_num_warps(head_dim, block_rows))
     return out
