@@ -347,16 +347,23 @@ def test_gpu_fp8_meets_the_fp8_rule(d, causal, kernel_layout):
     assert "FP8 matmuls" in notes and "forward only" in notes and "kernel: the warp-specialized Gluon one" in notes
 
 
+@pytest.fixture(params=["gluon", "portable"])
+def fp8_kernel(request, monkeypatch):
+    """Which FP8 kernel takes the test's calls: the Gluon one, or the portable one (as after a failure)."""
+    from flashdispatch.backends.fp8_hopper import hopper
+
+    if request.param == "portable":
+        monkeypatch.setattr(hopper, "_failure", "test: the portable kernel")
+    return request.param
+
+
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("kernel", ["gluon", "portable"])
-def test_gpu_an_output_past_2_to_the_31_elements_lands_in_place(monkeypatch, kernel):
+def test_gpu_an_output_past_2_to_the_31_elements_lands_in_place(fp8_kernel):
     # (65, 64, 2048, 256): batch 64 starts at element 2^31 of the output, where 32-bit offsets wrap.
     from flashdispatch.backends.fp8_hopper import hopper
     from flashdispatch.conformance import poisoned
 
-    if kernel == "portable":
-        monkeypatch.setattr(hopper, "_failure", "test: the portable kernel")
     b, hq, hkv, n, d = 65, 64, 8, 2048, 256
     gen = torch.Generator(device="cuda").manual_seed(5)
     q8 = torch.empty(b, hq, n, d, dtype=FP8, device="cuda")
@@ -367,7 +374,7 @@ def test_gpu_an_output_past_2_to_the_31_elements_lands_in_place(monkeypatch, ker
     with poisoned("cuda"):
         out, lse = attention(q8, k8, v8, q_descale=descales[0], k_descale=descales[1], v_descale=descales[2],
                              return_lse=True)
-    assert out.numel() > 2**31 and (hopper._failure is None) == (kernel == "gluon")
+    assert out.numel() > 2**31 and (hopper._failure is None) == (fp8_kernel == "gluon")
     for i in (0, b - 1):  # the first batch and the one past 2^31
         part = [descale[i:i + 1, :2] for descale in descales]  # (1, Hkv) of the 2 KV heads the 16 query heads read
         ref, ref_lse, plain = _reference(q8[i:i + 1, :16], k8[i:i + 1, :2], v8[i:i + 1, :2], part, False)
@@ -378,15 +385,12 @@ def test_gpu_an_output_past_2_to_the_31_elements_lands_in_place(monkeypatch, ker
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("kernel", ["gluon", "portable"])
-def test_gpu_bshd_rows_past_2_to_the_31_elements_land_in_place(monkeypatch, kernel):
+def test_gpu_bshd_rows_past_2_to_the_31_elements_land_in_place(fp8_kernel):
     # (1, 2304, 8192, 128) views: a head holds 2304 x 128 elements, but rows from 2048 on start past
     # element 2^31 of q, k, v and out (a row's stride is 8192 x 128 = 2^20), where 32-bit offsets wrap.
     from flashdispatch.backends.fp8_hopper import hopper
     from flashdispatch.conformance import poisoned
 
-    if kernel == "portable":
-        monkeypatch.setattr(hopper, "_failure", "test: the portable kernel")
     n, h, d = 2304, 8192, 128
     gen = torch.Generator(device="cuda").manual_seed(6)
     q8, k8, v8 = (torch.empty(1, n, h, d, dtype=FP8, device="cuda") for _ in range(3))
@@ -397,7 +401,7 @@ def test_gpu_bshd_rows_past_2_to_the_31_elements_land_in_place(monkeypatch, kern
     with poisoned("cuda"):
         out = attention(q8, k8, v8, causal=True, layout="bshd", q_descale=descales[0], k_descale=descales[1],
                         v_descale=descales[2])
-    assert q8[0, n - 1].data_ptr() - q8.data_ptr() >= 2**31 and (hopper._failure is None) == (kernel == "gluon")
+    assert q8[0, n - 1].data_ptr() - q8.data_ptr() >= 2**31 and (hopper._failure is None) == (fp8_kernel == "gluon")
     heads = [0, h - 1]
     part = [descale[:, heads] for descale in descales]
     ref, _, plain = _reference(*(t[:, :, heads].transpose(1, 2) for t in (q8, k8, v8)), part, True)
