@@ -319,6 +319,31 @@ def test_the_kernel_under_the_interpreter(monkeypatch, causal, layout, shape):
     assert not lse.isnan().any() and (lse.double() - ref_lse).abs().nan_to_num(0.0).max() < 1e-3
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test: for machines without a GPU")
+def test_the_portable_kernel_reads_a_head_dim_stride_past_2_to_the_31(monkeypatch):
+    # K as a view whose head-dim stride is 2^24 + 2^20: its last column starts past byte 2^31 of the
+    # storage, where 32-bit offsets wrap. The pages it does not touch cost no memory.
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (q8, k8, v8), descales = _fp8_inputs(1, 2, 2, 16, 32, 128)
+    stride_d = 2**24 + 2**20
+    storage = torch.empty(127 * stride_d + k8[0].numel(), dtype=torch.uint8).view(FP8)
+    far_k = storage.as_strided(k8.shape, (64, 32, 1, stride_d))
+    far_k.copy_(k8)
+    kwargs = dict(q_descale=descales[0], k_descale=descales[1], v_descale=descales[2], backend="fp8-hopper")
+    assert far_k.stride(3) * 127 >= 2**31
+    assert torch.equal(attention(q8, far_k, v8, **kwargs), attention(q8, k8, v8, **kwargs))
+
+
+def test_quantize_copies_a_view_whose_head_dim_offsets_pass_2_to_the_31():
+    from flashdispatch.backends.fp8_hopper.quantize import _head_dim_addressable
+
+    x = torch.empty(2**32, device="meta").as_strided((1, 2, 16, 128), (0, 16, 1, 2**24 + 2**20))
+    assert not x.is_contiguous() and _head_dim_addressable(x).is_contiguous()
+    near = x.as_strided((1, 2, 16, 128), (0, 16, 1, 2**20))
+    assert _head_dim_addressable(near) is near
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                          reason="needs a Hopper GPU (compute capability 9.x)")
 

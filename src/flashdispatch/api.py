@@ -174,7 +174,9 @@ def attention(
     so no backend does it unless asked (here, or by the policy's `precision: fp8` for calls that
     need no gradient). Pre-quantized float8_e4m3fn q, k, v imply it; they may come with float32
     (B, Hkv) `q_descale`, `k_descale`, `v_descale` (what each tensor was divided by; None: 1) as
-    FlashAttention-3 takes them, and give a bfloat16 output.
+    FlashAttention-3 takes them, and give a bfloat16 output. Descales must be positive or zero (an
+    all-zero head's amax / 448); they stay on the device, so a negative one is not checked, and
+    gives wrong numbers.
     """
     v = _plain(v)
     needs_grad = torch.is_grad_enabled() and (

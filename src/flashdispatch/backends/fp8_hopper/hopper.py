@@ -95,11 +95,12 @@ def _q_free(STAGES: gl.constexpr):
 
 def step_tiles(keys: int) -> tuple[int, int]:
     """The score tiles of a step of `keys` keys: (the largest power of two in it, the rest), the rest
-    0 or a smaller power of two."""
+    0 or a smaller power of two. Each tile holds 32 keys or more: an e4m3 product's K is 32 (so 256
+    is one tile of 256, not two of 128)."""
     first = 1 << (keys.bit_length() - 1)
     rest = keys - first
-    if rest & (rest - 1):
-        raise ValueError(f"STEP_KEYS: {keys} keys are not one or two powers of two")
+    if first < 32 or rest & (rest - 1) or 0 < rest < 32:
+        raise ValueError(f"STEP_KEYS: {keys} keys are not one or two powers of two of 32 or more")
     return first, rest
 
 

@@ -89,7 +89,8 @@ def fp8_attention_forward(
     h_kv = h // group
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_offsets = rows.to(tl.int64)[:, None]
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, HEAD_DIM).to(tl.int64)  # a head-dim stride may span heads (a permuted view)
+    keys = tl.arange(0, BLOCK_N).to(tl.int64)
 
     # Q tile (BLOCK_M, D), e4m3, and this row block's descale.
     q = tl.load(Q + b * stride_qb + h * stride_qh + row_offsets * stride_qm + dims[None, :] * stride_qd,
@@ -98,8 +99,8 @@ def fp8_attention_forward(
     # Descales are float32 (B, H, blocks) with unit block stride: key block j's is k_descale + j.
     k_descale = KDescale + b * stride_ksb + h_kv * stride_ksh
     v_descale = VDescale + b * stride_vsb + h_kv * stride_vsh
-    k_ptrs = K + b * stride_kb + h_kv * stride_kh + tl.arange(0, BLOCK_N)[:, None] * stride_kn + dims[None, :] * stride_kd
-    v_ptrs = Vt + b * stride_vb + h_kv * stride_vh + dims[:, None] * stride_vd + tl.arange(0, BLOCK_N)[None, :] * stride_vn
+    k_ptrs = K + b * stride_kb + h_kv * stride_kh + keys[:, None] * stride_kn + dims[None, :] * stride_kd
+    v_ptrs = Vt + b * stride_vb + h_kv * stride_vh + dims[:, None] * stride_vd + keys[None, :] * stride_vn
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -116,20 +117,22 @@ def fp8_attention_forward(
     else:
         full_end = seqlen_k // BLOCK_N * BLOCK_N
     end = tl.maximum(end, 0)
-    # The key pointers advance a block per step (64-bit pointer arithmetic: start_n * stride_kn
-    # could pass 2^31 in a (B, N, H, D) view).
+    # The key pointers advance a block per step, by 64-bit steps: start_n * stride_kn could pass
+    # 2^31 in a (B, N, H, D) view.
+    k_step = tl.full([], BLOCK_N, tl.int64) * stride_kn
+    v_step = tl.full([], BLOCK_N, tl.int64) * stride_vn
     for start_n in range(0, full_end, BLOCK_N):
         acc, row_max, row_sum, v_scale = _key_block(acc, row_max, row_sum, v_scale, q, k_ptrs, v_ptrs, k_descale,
                                                     v_descale, start_n, q_scale, rows, seqlen_k, shift, False,
                                                     CAUSAL, BLOCK_N)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        k_ptrs += k_step
+        v_ptrs += v_step
     for start_n in range(full_end, end, BLOCK_N):
         acc, row_max, row_sum, v_scale = _key_block(acc, row_max, row_sum, v_scale, q, k_ptrs, v_ptrs, k_descale,
                                                     v_descale, start_n, q_scale, rows, seqlen_k, shift, True,
                                                     CAUSAL, BLOCK_N)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        k_ptrs += k_step
+        v_ptrs += v_step
 
     # Normalise; a row that saw no key gets 0 and LSE -inf.
     acc = acc * v_scale
