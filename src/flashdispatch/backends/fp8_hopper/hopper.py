@@ -371,9 +371,11 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
             n = uses + j
             slot = n % STAGES
             prev = (n - 1) % STAGES
-            if KV_BLOCK_SCALES:
-                qk_scale = gl.maximum(q_scale * gl.load(k_descale + j * stride_ksn), MIN_SCALE)
-                next_v_scale = gl.maximum(gl.load(v_descale + j * stride_vsn), MIN_SCALE)
+            if KV_BLOCK_SCALES:  # pointers stepped, not j * stride: that widens the loop's counter to 64 bits
+                k_descale += stride_ksn
+                v_descale += stride_vsn
+                qk_scale = gl.maximum(q_scale * gl.load(k_descale), MIN_SCALE)
+                next_v_scale = gl.maximum(gl.load(v_descale), MIN_SCALE)
             mbarrier.wait(k_ready.index(slot), (n // STAGES) & 1)
             mbarrier.wait(v_ready.index(prev), ((n - 1) // STAGES) & 1)
             # P_{j-1} packed first: its float32 registers are free before S_j takes its own.
