@@ -389,6 +389,8 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
             p_a, p_b, row_max, row_sum, alpha = _step_softmax(s_a, s_b, row_max, row_sum, rows, j * BLOCK_N,
                                                               full_end, seqlen_k, shift, qk_scale, CAUSAL, BLOCK_N,
                                                               a_layout, b_layout, FMA_SHARE)
+            # P's e4m3 registers cannot be named in deps (Triton 3.6: "Unexpected bitwidth in
+            # WGMMAWaitGroupOp: 8"); the SASS shows ptxas keeps them until this wait.
             o = warpgroup_mma_wait(0, deps=(o,))
             _named_arrive(FREE_ID + STAGES + prev, FREE_THREADS)
             if KV_BLOCK_SCALES:  # O moves to step j's max and to step j's V descale in one multiply
