@@ -6,7 +6,7 @@
 # full 600 s. Logs to $OUT.
 source "$(dirname "$0")/gpu_common.sh"
 start=$(date +%s)
-timeout 260 python3 -m flashdispatch verify --backend fp8-hopper --tier full --device cuda -v 2>&1 \
+timeout 240 python3 -m flashdispatch verify --backend fp8-hopper --tier full --device cuda -v 2>&1 \
   | grep -v "^\[W\|portable kernel, slower" > "$out/fp8_verify_full.log" &
 verify=$!
 timeout 200 python3 scripts/check_fp8_gpu.py --part exact 2>&1 | tee "$out/fp8_exact.log" | grep -v "^exact: ok" | tail -n 30
@@ -14,12 +14,16 @@ timeout 200 python3 -m pytest -q -m gpu tests/test_fp8_backend.py tests/test_fp8
 echo "GPU-marked tests: $(tail -n 1 "$out/fp8_pytest_gpu.log")"
 wait $verify
 echo "full tier ($(( $(date +%s) - start )) s in): $(grep -A1 "^backend" "$out/fp8_verify_full.log" | tail -n 1)"
-timeout 200 python3 scripts/check_fp8_gpu.py --part speed --lengths 4096,16384 2>&1 | grep "^speed\|Error" | tee "$out/fp8_speed.log"
+nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 250 > /tmp/clocks.log &
+clocks=$!
+timeout 280 python3 scripts/check_fp8_gpu.py --part speed --lengths 4096,16384 2>&1 | grep "^speed\|Error" | tee "$out/fp8_speed.log"
+kill $clocks
+echo "SM clock MHz while the speed part ran (median, min, max): $(cut -d, -f1 /tmp/clocks.log | sort -n | awk '{a[NR]=$1} END {print a[int(NR/2)+1], a[1], a[NR]}'); power W (median, max): $(cut -d, -f2 /tmp/clocks.log | sort -n | awk '{a[NR]=$1} END {print a[int(NR/2)+1], a[NR]}')" | tee -a "$out/fp8_speed.log"
 timeout 100 python3 scripts/check_fp8_gpu.py --part accuracy 2>&1 | tee "$out/fp8_accuracy.log" | tail -n 8
 timeout 100 python3 scripts/check_fp8_gpu.py --part sass 2>&1 | tee "$out/fp8_sass.log" | tail -n 6
 timeout 80 python3 scripts/bench_fp8_quantize.py --warps 8 2>&1 | grep "check\|rotated\|transposed\|e4m3 V" | tee "$out/fp8_quantize.log"
 echo "total before the sweep: $(( $(date +%s) - start )) s"
-# a ninth file would not come back: the sweep's lines go to the speed log
+# the sweep's lines go to the speed log: a ninth file in $out would not come back
 PYTHONPATH=src:scripts timeout 90 python3 scripts/sweep_fp8_gluon.py --head-dims 128 --kv-block-descales 0,1 2>&1 \
   | grep "^sweep\|Error" | tee -a "$out/fp8_speed.log"
 echo "total: $(( $(date +%s) - start )) s"
