@@ -17,11 +17,12 @@ from torch.nn.functional import scaled_dot_product_attention
 from flashdispatch import attention
 from flashdispatch.backends.fp8_hopper import hopper, to_kernel_layout
 from flashdispatch.dispatcher.problem import build_problem
-from flashdispatch.timing import median_time
+from flashdispatch.timing import median_times
 from gpu_grid import prefill_cases
 
 FP8 = torch.float8_e4m3fn
-WARM_SECONDS = 0.2  # `median_time`: each setting's runs start at a settled clock
+WARM_SECONDS = 0.2  # `median_times`: each case's runs start at a settled clock
+REPEATS = 20
 
 
 def _difference(result, baseline) -> str:
@@ -56,39 +57,51 @@ def main() -> None:
         problem = build_problem(q8, k8, v8, causal=causal, descales=(ones, ones, ones))
         vt = to_kernel_layout(v8).transpose(2, 3)
         vt = vt.as_strided((*vt.shape[:3], -(-n // 16) * 16), vt.stride())
-        rates = []
         baseline = None  # the first setting's (out, lse): a sanity check of the others
         defaults = (hopper.STAGES, hopper.FMA_SHARE, hopper.PERSISTENT, dict(hopper.STEP_KEYS),
                     dict(hopper.CAUSAL_STEP_KEYS))
-        for hopper.STAGES, hopper.FMA_SHARE, persistent, keys, kv_blocks in settings:
-            hopper.PERSISTENT = defaults[2] if persistent else ()
-            hopper.STEP_KEYS = {**defaults[3], d: keys or defaults[3][d]}
-            hopper.CAUSAL_STEP_KEYS = {**defaults[4], d: keys or defaults[4][d]}
+        failures, checks, timed = [], {}, {}  # timed: name -> a call that sets its setting, then runs
+        for stages, fma_share, persistent, keys, kv_blocks in settings:
+            def gluon(stages=stages, fma_share=fma_share, persistent=persistent, keys=keys, kv_blocks=kv_blocks):
+                hopper.STAGES, hopper.FMA_SHARE = stages, fma_share
+                hopper.PERSISTENT = defaults[2] if persistent else ()
+                hopper.STEP_KEYS = {**defaults[3], d: keys or defaults[3][d]}
+                hopper.CAUSAL_STEP_KEYS = {**defaults[4], d: keys or defaults[4][d]}
+                steps = -(-n // hopper.step_keys(d, causal))
+                descales = (ones, *(ones[:, :, None].expand(*ones.shape, steps) if kv_blocks else ones
+                                    for _ in range(2)))
+                return hopper.forward(q8, k8, vt, descales, 1, torch.bfloat16, problem)
+            result = gluon()
             name = (f"gluon[{hopper.step_keys(d, causal)} keys, {hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE}"
                     f"{', persistent' if d in hopper.PERSISTENT and not causal else ''}"
                     f"{', K/V descales per step' if kv_blocks else ''}]")
-            steps = -(-n // hopper.step_keys(d, causal))
-            descales = (ones, *(ones[:, :, None].expand(*ones.shape, steps) if kv_blocks else ones for _ in range(2)))
-            result = hopper.forward(q8, k8, vt, descales, 1, torch.bfloat16, problem)
             if result is None:
                 why = hopper._failure or "TMA cannot address the tensors"
-                rates.append(f"{name} fails ({why.splitlines()[0]})")
+                failures.append(f"{name} fails ({why.splitlines()[0]})")
                 hopper._failure = None
                 continue
-            seconds = median_time(lambda: hopper.forward(q8, k8, vt, descales, 1, torch.bfloat16, problem), "cuda",
-                                  warm_seconds=WARM_SECONDS)
             baseline = baseline or result
-            rates.append(f"{name} {flops / seconds / 1e12:.0f} ({_difference(result, baseline)})")
+            checks[name] = _difference(result, baseline)
+            timed[name] = gluon
+
+        def portable():
+            hopper._failure = "sweep: the portable kernel"
+            try:
+                return attention(q8, k8, v8_bshd, causal=causal, q_descale=ones, k_descale=ones, v_descale=ones)
+            finally:
+                hopper._failure = None
+
+        def cudnn():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        v8_bshd = v8.transpose(2, 3).contiguous().transpose(2, 3)
+        timed |= {"portable": portable, "cudnn bf16": cudnn}
+        # In turns (`median_times`): the H100's clock drifts under this load, and all settings see it alike.
+        seconds = median_times(list(timed.values()), "cuda", repeats=REPEATS, warm_seconds=WARM_SECONDS)
         hopper.STAGES, hopper.FMA_SHARE, hopper.PERSISTENT, hopper.STEP_KEYS, hopper.CAUSAL_STEP_KEYS = defaults
-        hopper._failure = "sweep: the portable kernel"
-        seconds = median_time(lambda: attention(q8, k8, v8.transpose(2, 3).contiguous().transpose(2, 3), causal=causal,
-                                                q_descale=ones, k_descale=ones, v_descale=ones), "cuda", warm_seconds=WARM_SECONDS)
-        hopper._failure = None
-        rates.append(f"portable {flops / seconds / 1e12:.0f}")
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            seconds = median_time(lambda: scaled_dot_product_attention(q, k, v, is_causal=causal), "cuda",
-                                  warm_seconds=WARM_SECONDS)
-        rates.append(f"cudnn bf16 {flops / seconds / 1e12:.0f}")
+        rates = [f"{name} {flops / t / 1e12:.0f}" + (f" ({checks[name]})" if name in checks else "")
+                 for name, t in zip(timed, seconds)] + failures
         print(f"sweep: D={d} N={n} causal={causal}: " + ", ".join(rates) + " TFLOP/s", flush=True)
 
 

@@ -32,36 +32,50 @@ def median_time(fn, device, warmup: int = 3, repeats: int = 20, flush_l2: bool =
     busy before each start event (`torch.cuda._sleep`), so that the events time the call's GPU
     work alone.
     """
+    return median_times([fn], device, warmup, repeats, flush_l2, hide_host, warm_seconds)[0]
+
+
+def median_times(fns, device, warmup: int = 3, repeats: int = 20, flush_l2: bool = True,
+                 hide_host: bool = False, warm_seconds: float = 0.0) -> list[float]:
+    """`median_time` of each of `fns`, timed in turns: each of the `repeats` rounds runs every fn
+    once. Use it to compare kernels: a GPU's clock that drifts while they are measured (an H100
+    near its power limit under FP8 matmuls) then slows them alike, where timed one after the
+    other their ratio moved by up to 15 % between calls (docs/notes/fp8.md, 2026-12-06)."""
     device = torch.device(device)
-    for _ in range(warmup):
-        fn()
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
     warm_until = time.perf_counter() + warm_seconds
     while time.perf_counter() < warm_until:
-        for _ in range(8):  # a few calls queued ahead keep the GPU busy between the host's checks
-            fn()
+        for fn in fns:
+            for _ in range(8):  # a few calls queued ahead keep the GPU busy between the host's checks
+                fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     if device.type != "cuda":
-        times = []
+        times = [[] for _ in fns]
         for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+            for fn, fn_times in zip(fns, times):
+                start = time.perf_counter()
+                fn()
+                fn_times.append(time.perf_counter() - start)
+        return [statistics.median(fn_times) for fn_times in times]
     flush = torch.ones(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if flush_l2 else None
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+              for _ in fns]
     torch.cuda.synchronize(device)
-    for start, end in zip(starts, ends):
-        if flush is not None:
-            flush.max()
-        if hide_host and hasattr(torch.cuda, "_sleep"):
-            torch.cuda._sleep(GPU_BUSY_CYCLES)
-        start.record()
-        fn()
-        end.record()
+    for i in range(repeats):
+        for fn, fn_events in zip(fns, events):
+            start, end = fn_events[i]
+            if flush is not None:
+                flush.max()
+            if hide_host and hasattr(torch.cuda, "_sleep"):
+                torch.cuda._sleep(GPU_BUSY_CYCLES)
+            start.record()
+            fn()
+            end.record()
     torch.cuda.synchronize(device)
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
+    return [statistics.median(start.elapsed_time(end) for start, end in fn_events) / 1e3 for fn_events in events]
 
 
 def host_seconds(fn, calls: int = 1000, burst: int = 10) -> float:

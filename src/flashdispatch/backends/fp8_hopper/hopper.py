@@ -371,9 +371,11 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
             n = uses + j
             slot = n % STAGES
             prev = (n - 1) % STAGES
-            if KV_BLOCK_SCALES:
-                qk_scale = gl.maximum(q_scale * gl.load(k_descale + j * stride_ksn), MIN_SCALE)
-                next_v_scale = gl.maximum(gl.load(v_descale + j * stride_vsn), MIN_SCALE)
+            if KV_BLOCK_SCALES:  # pointers stepped, not j * stride: that widens the loop's counter to 64 bits
+                k_descale += stride_ksn
+                v_descale += stride_vsn
+                qk_scale = gl.maximum(q_scale * gl.load(k_descale), MIN_SCALE)
+                next_v_scale = gl.maximum(gl.load(v_descale), MIN_SCALE)
             mbarrier.wait(k_ready.index(slot), (n // STAGES) & 1)
             mbarrier.wait(v_ready.index(prev), ((n - 1) // STAGES) & 1)
             # P_{j-1} packed first: its float32 registers are free before S_j takes its own.
@@ -387,6 +389,8 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
             p_a, p_b, row_max, row_sum, alpha = _step_softmax(s_a, s_b, row_max, row_sum, rows, j * BLOCK_N,
                                                               full_end, seqlen_k, shift, qk_scale, CAUSAL, BLOCK_N,
                                                               a_layout, b_layout, FMA_SHARE)
+            # P's e4m3 registers cannot be named in deps (Triton 3.6: "Unexpected bitwidth in
+            # WGMMAWaitGroupOp: 8"); the SASS shows ptxas keeps them until this wait.
             o = warpgroup_mma_wait(0, deps=(o,))
             _named_arrive(FREE_ID + STAGES + prev, FREE_THREADS)
             if KV_BLOCK_SCALES:  # O moves to step j's max and to step j's V descale in one multiply
