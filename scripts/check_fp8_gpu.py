@@ -275,7 +275,7 @@ def speed(head_dims, lengths) -> int:
     return 0
 
 
-def plot(log: str, path: str) -> int:
+def plot(log: str, path: str, card: str) -> int:
     """A bar chart of a --part speed log: FP8 (pre-quantized, and from bf16) against cuDNN's bf16."""
     import re
 
@@ -292,7 +292,7 @@ def plot(log: str, path: str) -> int:
         axis.bar([j + (i - 1) * 0.27 for j in range(len(rows))], [float(r[3 + i]) for r in rows], 0.27, label=name)
     axis.set_xticks(range(len(rows)), labels, fontsize=8)
     axis.set_ylabel("forward TFLOP/s")
-    axis.set_title("fp8-hopper on an H100 (16k tokens, 2048 / D heads)")
+    axis.set_title(f"fp8-hopper on an {card} (16k tokens, 2048 / D heads)")
     axis.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -304,6 +304,7 @@ def main() -> int:
     parser.add_argument("--part", required=True, choices=("exact", "accuracy", "sass", "speed", "plot"))
     parser.add_argument("--log", help="--part plot: the speed log")
     parser.add_argument("--out", help="--part plot: the figure's path")
+    parser.add_argument("--card", default="H100", help="--part plot: the GPU the log was measured on, for the title")
     parser.add_argument("--head-dims", default="64,128,256", help="--part speed: head dims, comma-separated")
     parser.add_argument("--lengths", default="1024,4096,16384", help="--part speed: sequence lengths")
     parser.add_argument("--step-keys", type=int, help="the Gluon kernel's keys a step at D = 128, causal or not "
@@ -315,7 +316,7 @@ def main() -> int:
         hopper.STEP_KEYS = {**hopper.STEP_KEYS, 128: args.step_keys}
         hopper.CAUSAL_STEP_KEYS = {**hopper.CAUSAL_STEP_KEYS, 128: args.step_keys}
     if args.part == "plot":
-        return plot(args.log, args.out)
+        return plot(args.log, args.out, args.card)
     if args.part == "speed":
         return speed(*(tuple(int(x) for x in arg.split(",")) for arg in (args.head_dims, args.lengths)))
     return {"exact": exact, "accuracy": accuracy, "sass": sass}[args.part]()
