@@ -223,7 +223,7 @@ def _compile_portable(fp8_hopper, q, k, v):
     return fp8_attention_forward[(triton.cdiv(256, rows), 2)](
         q, k, vt, out, lse, scales, scales, scales, *q.stride(), *k.stride(), *vt.stride(), *out.stride(),
         *scales.stride(), *scales.stride()[:2], *scales.stride()[:2], 2, 1, 256, 256, 0.1,
-        HEAD_DIM=128, BLOCK_M=rows, BLOCK_N=keys, CAUSAL=False, num_warps=warps, num_stages=stages)
+        HEAD_DIM=128, BLOCK_M=rows, BLOCK_N=keys, CAUSAL=False, WIDE=False, num_warps=warps, num_stages=stages)
 
 
 WARM_SECONDS = 0.2  # `median_times`: each case's runs start at a settled clock

@@ -335,13 +335,31 @@ def test_the_portable_kernel_reads_a_head_dim_stride_past_2_to_the_31(monkeypatc
     assert torch.equal(attention(q8, far_k, v8, **kwargs), attention(q8, k8, v8, **kwargs))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test: for machines without a GPU")
+def test_the_portable_kernel_reads_key_rows_past_2_to_the_31(monkeypatch):
+    # K as a view whose rows are 2^24 + 2^20 elements apart, as in a (B, N, H, D) view with many
+    # heads: from key 122 on they start past byte 2^31, so the kernel takes its 64-bit (WIDE) path.
+    pytest.importorskip("triton")
+    from flashdispatch.backends import fp8_hopper
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (q8, k8, v8), descales = _fp8_inputs(1, 2, 1, 16, 140, 64)
+    stride_n = 2**24 + 2**20
+    storage = torch.empty(139 * stride_n + 64, dtype=torch.uint8).view(FP8)
+    far_k = storage.as_strided(k8.shape, (0, 0, stride_n, 1))
+    far_k.copy_(k8)
+    assert not fp8_hopper._head_offsets_fit(far_k, 128) and fp8_hopper._head_offsets_fit(k8, 128)
+    kwargs = dict(q_descale=descales[0], k_descale=descales[1], v_descale=descales[2], backend="fp8-hopper")
+    assert torch.equal(attention(q8, far_k, v8, **kwargs), attention(q8, k8, v8, **kwargs))
+
+
 def test_quantize_copies_a_view_whose_head_dim_offsets_pass_2_to_the_31():
-    from flashdispatch.backends.fp8_hopper.quantize import _head_dim_addressable
+    from flashdispatch.backends.fp8_hopper.quantize import head_dim_addressable
 
     x = torch.empty(2**32, device="meta").as_strided((1, 2, 16, 128), (0, 16, 1, 2**24 + 2**20))
-    assert not x.is_contiguous() and _head_dim_addressable(x).is_contiguous()
+    assert not x.is_contiguous() and head_dim_addressable(x).is_contiguous()
     near = x.as_strided((1, 2, 16, 128), (0, 16, 1, 2**20))
-    assert _head_dim_addressable(near) is near
+    assert head_dim_addressable(near) is near
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
@@ -542,14 +560,17 @@ from triton.compiler import ASTSource
 from flashdispatch.backends.fp8_hopper.kernel import fp8_attention_forward
 
 fn = fp8_attention_forward
-constexprs = dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=128, CAUSAL=False)
-types = {name: "*fp8e4nv" for name in ("Q", "K", "Vt")} | {"Out": "*bf16", "Lse": "*fp32", "QDescale": "*fp32",
-                                                           "KDescale": "*fp32", "VDescale": "*fp32", "scale": "fp32"}
-signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
-src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-ttgir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ttgir"]
-for name in ("Q", "K", "Vt", "Out"):
-    assert re.search(rf"tt\.addptr %{name}, %\w+ : !tt\.ptr<\w+>, i64", ttgir), name
+for wide in (False, True):
+    constexprs = dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=128, CAUSAL=False, WIDE=wide)
+    types = {name: "*fp8e4nv" for name in ("Q", "K", "Vt")} | {"Out": "*bf16", "Lse": "*fp32", "QDescale": "*fp32",
+                                                               "KDescale": "*fp32", "VDescale": "*fp32", "scale": "fp32"}
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    ttgir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ttgir"]
+    for name in ("Q", "K", "Vt", "Out"):
+        assert re.search(rf"tt\.addptr %{name}, %\w+ : !tt\.ptr<\w+>, i64", ttgir), name
+    # Tiles of 64-bit offsets only where asked: they spilled and ran 10x slower (H100, 2026-12-06).
+    assert bool(re.search(r"tensor<\d+x\d+xi64", ttgir)) == wide, wide
 print("ok")
 """
 

@@ -30,7 +30,7 @@ import torch
 from ...dispatcher.capabilities import Capabilities, triton_interpreting
 from ...dispatcher.problem import FP8_DTYPE, Problem
 from ..base import Backend, Support, from_bhsd, to_bhsd, triton_grid_reasons
-from .quantize import padded_length, permute_keys, rearrange_v
+from .quantize import head_dim_addressable, padded_length, permute_keys, rearrange_v
 
 SUPPORT = Support(
     dtypes=(torch.float16, torch.bfloat16, FP8_DTYPE),
@@ -334,11 +334,22 @@ def _portable_forward(q8, k8, vt8, descales, out_dtype, problem):
         k_scales, v_scales = (_per_block(d, batch, heads_kv, 1, k_blocks, device) for d in descales[1:])
     out = torch.empty(batch, heads_q, seqlen_q, head_dim, dtype=out_dtype, device=q8.device)
     lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=q8.device)
+    # The kernel's head-dim offsets are 32-bit (V^T's head dim is its dim 2); its rows' and keys'
+    # are 64-bit only where a (batch, head) spans 2^31 elements (WIDE: slower, kernel.py).
+    q8, k8 = head_dim_addressable(q8), head_dim_addressable(k8)
+    vt8 = head_dim_addressable(vt8.transpose(2, 3)).transpose(2, 3)
+    wide = not all(_head_offsets_fit(t, max(rows, keys)) for t in (q8, k8, vt8, out))
     fp8_attention_forward[(q_blocks, batch * heads_q)](
         q8, k8, vt8, out, lse, q_scales, k_scales, v_scales,
         *q8.stride(), *k8.stride(), *vt8.stride(), *out.stride(),
         *q_scales.stride(), *k_scales.stride()[:2], *v_scales.stride()[:2],
         heads_q, group, seqlen_q, seqlen_k, problem.scale,
-        HEAD_DIM=head_dim, BLOCK_M=rows, BLOCK_N=keys, CAUSAL=problem.causal,
+        HEAD_DIM=head_dim, BLOCK_M=rows, BLOCK_N=keys, CAUSAL=problem.causal, WIDE=wide,
         num_warps=warps, num_stages=stages)
     return out, lse
+
+
+def _head_offsets_fit(t: torch.Tensor, tile: int) -> bool:
+    """Whether every offset inside one (batch, head) of the 4-d t, a tile past its end included,
+    fits in 32 bits."""
+    return (t.shape[2] + tile) * abs(t.stride(2)) + (t.shape[3] + tile) * abs(t.stride(3)) < 2**31

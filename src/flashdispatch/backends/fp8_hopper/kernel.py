@@ -78,19 +78,25 @@ def fp8_attention_forward(
         stride_vsb, stride_vsh,
         heads_q, group, seqlen_q, seqlen_k, scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr):
+        CAUSAL: tl.constexpr, WIDE: tl.constexpr):
     # Grid: (query blocks, batch x query heads).
     m_block = tl.program_id(0)
-    # int64 offsets: B * H * N * D may pass 2^31 elements, and so may a row's offset in a (B, N, H, D)
-    # view (N * H * D); a head's N * D may not (the backend checks).
+    # Where a (batch, head) starts is a 64-bit offset: B * H * N * D may pass 2^31 elements. So may
+    # a row's offset in a (B, N, H, D) view (N * H * D): with WIDE, rows and key blocks are 64-bit
+    # too, in the tiles and across key blocks. Not always: tiles of 64-bit offsets spilled (D = 128,
+    # sm_90a: 7 KB) and the kernel ran 10x slower (H100, 2026-12-06). Head-dim offsets stay 32-bit: the host copies a view
+    # whose head-dim offsets would pass 2^31 (`quantize.head_dim_addressable`).
     bh = tl.program_id(1).to(tl.int64)
     b = bh // heads_q
     h = bh % heads_q
     h_kv = h // group
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_offsets = rows.to(tl.int64)[:, None]
-    dims = tl.arange(0, HEAD_DIM).to(tl.int64)  # a head-dim stride may span heads (a permuted view)
-    keys = tl.arange(0, BLOCK_N).to(tl.int64)
+    row_offsets = rows[:, None]
+    keys = tl.arange(0, BLOCK_N)
+    if WIDE:
+        row_offsets = row_offsets.to(tl.int64)
+        keys = keys.to(tl.int64)
+    dims = tl.arange(0, HEAD_DIM)
 
     # Q tile (BLOCK_M, D), e4m3, and this row block's descale.
     q = tl.load(Q + b * stride_qb + h * stride_qh + row_offsets * stride_qm + dims[None, :] * stride_qd,
@@ -99,6 +105,7 @@ def fp8_attention_forward(
     # Descales are float32 (B, H, blocks) with unit block stride: key block j's is k_descale + j.
     k_descale = KDescale + b * stride_ksb + h_kv * stride_ksh
     v_descale = VDescale + b * stride_vsb + h_kv * stride_vsh
+    # The first key block's K (BLOCK_N, D) and V^T (D, BLOCK_N); block j's are j * BLOCK_N keys on.
     k_ptrs = K + b * stride_kb + h_kv * stride_kh + keys[:, None] * stride_kn + dims[None, :] * stride_kd
     v_ptrs = Vt + b * stride_vb + h_kv * stride_vh + dims[:, None] * stride_vd + keys[None, :] * stride_vn
 
@@ -117,22 +124,16 @@ def fp8_attention_forward(
     else:
         full_end = seqlen_k // BLOCK_N * BLOCK_N
     end = tl.maximum(end, 0)
-    # The key pointers advance a block per step, by 64-bit steps: start_n * stride_kn could pass
-    # 2^31 in a (B, N, H, D) view.
-    k_step = tl.full([], BLOCK_N, tl.int64) * stride_kn
-    v_step = tl.full([], BLOCK_N, tl.int64) * stride_vn
     for start_n in range(0, full_end, BLOCK_N):
-        acc, row_max, row_sum, v_scale = _key_block(acc, row_max, row_sum, v_scale, q, k_ptrs, v_ptrs, k_descale,
-                                                    v_descale, start_n, q_scale, rows, seqlen_k, shift, False,
-                                                    CAUSAL, BLOCK_N)
-        k_ptrs += k_step
-        v_ptrs += v_step
+        n0 = tl.cast(start_n, tl.int64) if WIDE else start_n
+        acc, row_max, row_sum, v_scale = _key_block(acc, row_max, row_sum, v_scale, q, k_ptrs + n0 * stride_kn,
+                                                    v_ptrs + n0 * stride_vn, k_descale, v_descale, start_n, q_scale,
+                                                    rows, seqlen_k, shift, False, CAUSAL, BLOCK_N)
     for start_n in range(full_end, end, BLOCK_N):
-        acc, row_max, row_sum, v_scale = _key_block(acc, row_max, row_sum, v_scale, q, k_ptrs, v_ptrs, k_descale,
-                                                    v_descale, start_n, q_scale, rows, seqlen_k, shift, True,
-                                                    CAUSAL, BLOCK_N)
-        k_ptrs += k_step
-        v_ptrs += v_step
+        n0 = tl.cast(start_n, tl.int64) if WIDE else start_n
+        acc, row_max, row_sum, v_scale = _key_block(acc, row_max, row_sum, v_scale, q, k_ptrs + n0 * stride_kn,
+                                                    v_ptrs + n0 * stride_vn, k_descale, v_descale, start_n, q_scale,
+                                                    rows, seqlen_k, shift, True, CAUSAL, BLOCK_N)
 
     # Normalise; a row that saw no key gets 0 and LSE -inf.
     acc = acc * v_scale

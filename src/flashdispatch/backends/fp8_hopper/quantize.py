@@ -352,7 +352,7 @@ def _num_warps(head_dim: int, block_rows: int) -> int:
     return min(16, max(4, tile_rows * head_dim // 2048))
 
 
-def _head_dim_addressable(x: torch.Tensor) -> torch.Tensor:
+def head_dim_addressable(x: torch.Tensor) -> torch.Tensor:
     """x, or a contiguous copy where a row's head-dim offsets, 32-bit in the kernel, would pass 2^31
     (a permuted view whose head-dim stride spans other dims)."""
     return x.contiguous() if (x.shape[3] - 1) * abs(x.stride(3)) >= 2**31 else x
@@ -380,7 +380,7 @@ def quantize(x, block_rows: int, signs=None, transpose: bool = False, key_order:
     if batch * heads > MAX_GRID_Y:
         raise ValueError(f"x: batch x heads = {batch * heads}: at most {MAX_GRID_Y} (the kernel's second grid axis), "
                          f"got shape {tuple(x.shape)}")
-    x = _head_dim_addressable(x)
+    x = head_dim_addressable(x)
     blocks = triton.cdiv(seqlen, block_rows)
     n16 = padded_length(seqlen) // PAD
     if transpose:
@@ -426,7 +426,7 @@ def rearrange_v(v: torch.Tensor) -> torch.Tensor:
     blocks = triton.cdiv(seqlen, block_rows)
     if blocks == 0 or batch * heads == 0:
         return out
-    raw, raw_out = _head_dim_addressable(v).view(torch.uint8), out.view(torch.uint8)  # bytes: no float8 type needed on any GPU
+    raw, raw_out = head_dim_addressable(v).view(torch.uint8), out.view(torch.uint8)  # bytes: no float8 type needed on any GPU
     quantize_kernel[(blocks, batch * heads)](
         raw, raw, raw_out, raw_out, *v.stride(), heads, seqlen, n16,
         SCALE=False, ROTATE=False, SPLIT=False, IEEE=False, ROUND=False, TRANSPOSE=True, KEY_ORDER=True,
