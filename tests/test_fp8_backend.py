@@ -319,36 +319,33 @@ def test_the_kernel_under_the_interpreter(monkeypatch, causal, layout, shape):
     assert not lse.isnan().any() and (lse.double() - ref_lse).abs().nan_to_num(0.0).max() < 1e-3
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test: for machines without a GPU")
-def test_the_portable_kernel_reads_a_head_dim_stride_past_2_to_the_31(monkeypatch):
-    # K as a view whose head-dim stride is 2^24 + 2^20: its last column starts past byte 2^31 of the
-    # storage, where 32-bit offsets wrap. The pages it does not touch cost no memory.
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    (q8, k8, v8), descales = _fp8_inputs(1, 2, 2, 16, 32, 128)
-    stride_d = 2**24 + 2**20
-    storage = torch.empty(127 * stride_d + k8[0].numel(), dtype=torch.uint8).view(FP8)
-    far_k = storage.as_strided(k8.shape, (64, 32, 1, stride_d))
-    far_k.copy_(k8)
-    kwargs = dict(q_descale=descales[0], k_descale=descales[1], v_descale=descales[2], backend="fp8-hopper")
-    assert far_k.stride(3) * 127 >= 2**31
-    assert torch.equal(attention(q8, far_k, v8, **kwargs), attention(q8, k8, v8, **kwargs))
+FAR = 2**24 + 2**20  # a stride whose 128th step passes byte 2^31, where 32-bit offsets wrap
+
+
+def _far_copy(x: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
+    """x copied into a view with `strides`, over storage reaching past 2^31 bytes (the pages the
+    view does not touch cost no memory)."""
+    span = sum((n - 1) * stride for n, stride in zip(x.shape, strides)) + 1
+    far = torch.empty(span, dtype=torch.uint8).view(x.dtype).as_strided(x.shape, strides)
+    return far.copy_(x)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test: for machines without a GPU")
-def test_the_portable_kernel_reads_key_rows_past_2_to_the_31(monkeypatch):
-    # K as a view whose rows are 2^24 + 2^20 elements apart, as in a (B, N, H, D) view with many
-    # heads: from key 122 on they start past byte 2^31, so the kernel takes its 64-bit (WIDE) path.
+@pytest.mark.parametrize("what", ["head-dim stride", "key rows"])
+def test_the_portable_kernel_reads_a_view_past_2_to_the_31(monkeypatch, what):
+    # K as a view whose columns (a head-dim stride spanning other dims: the host copies it) or rows
+    # (as in a (B, N, H, D) view with many heads: the kernel's 64-bit WIDE path) lie FAR apart.
     pytest.importorskip("triton")
     from flashdispatch.backends import fp8_hopper
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    (q8, k8, v8), descales = _fp8_inputs(1, 2, 1, 16, 140, 64)
-    stride_n = 2**24 + 2**20
-    storage = torch.empty(139 * stride_n + 64, dtype=torch.uint8).view(FP8)
-    far_k = storage.as_strided(k8.shape, (0, 0, stride_n, 1))
-    far_k.copy_(k8)
-    assert not fp8_hopper._head_offsets_fit(far_k, 128) and fp8_hopper._head_offsets_fit(k8, 128)
+    if what == "head-dim stride":
+        (q8, k8, v8), descales = _fp8_inputs(1, 2, 2, 16, 32, 128)
+        far_k = _far_copy(k8, (64, 32, 1, FAR))
+    else:
+        (q8, k8, v8), descales = _fp8_inputs(1, 2, 1, 16, 140, 64)
+        far_k = _far_copy(k8, (0, 0, FAR, 1))
+        assert not fp8_hopper._head_offsets_fit(far_k, 128) and fp8_hopper._head_offsets_fit(k8, 128)
     kwargs = dict(q_descale=descales[0], k_descale=descales[1], v_descale=descales[2], backend="fp8-hopper")
     assert torch.equal(attention(q8, far_k, v8, **kwargs), attention(q8, k8, v8, **kwargs))
 
