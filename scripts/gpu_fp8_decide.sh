@@ -7,7 +7,7 @@
 source "$(dirname "$0")/gpu_common.sh"
 start=$(date +%s)
 timeout 200 python3 scripts/check_fp8_gpu.py --part exact 2>&1 | tee "$out/fp8_exact.log" | grep -v "^exact: ok" | tail -n 30
-if [ -z "${QUICK:-}" ]; then
+if [ "${QUICK:-0}" != 1 ]; then
 timeout 200 python3 -m pytest -q -m gpu tests/test_fp8_backend.py tests/test_fp8_quantize.py > "$out/fp8_pytest_gpu.log" 2>&1
 echo "GPU-marked tests: $(tail -n 1 "$out/fp8_pytest_gpu.log")"
 fi
@@ -21,7 +21,7 @@ clocks=$!
 timeout 280 python3 scripts/check_fp8_gpu.py --part speed --lengths 4096,16384 2>&1 | grep "^speed\|Error" | tee "$out/fp8_speed.log"
 kill $clocks
 echo "SM clock MHz while the speed part ran (median, min, max): $(cut -d, -f1 /tmp/clocks.log | sort -n | awk '{a[NR]=$1} END {print a[int(NR/2)+1], a[1], a[NR]}'); power W (median, max): $(cut -d, -f2 /tmp/clocks.log | sort -n | awk '{a[NR]=$1} END {print a[int(NR/2)+1], a[NR]}')" | tee -a "$out/fp8_speed.log"
-[ -n "${QUICK:-}" ] && { echo "total: $(( $(date +%s) - start )) s"; exit 0; }
+[ "${QUICK:-0}" = 1 ] && { echo "total: $(( $(date +%s) - start )) s"; exit 0; }
 timeout 100 python3 scripts/check_fp8_gpu.py --part accuracy 2>&1 | tee "$out/fp8_accuracy.log" | tail -n 8
 timeout 100 python3 scripts/check_fp8_gpu.py --part sass 2>&1 | tee "$out/fp8_sass.log" | tail -n 6
 timeout 80 python3 scripts/bench_fp8_quantize.py --warps 8 2>&1 | grep "check\|rotated\|transposed\|e4m3 V" | tee "$out/fp8_quantize.log"

@@ -345,7 +345,7 @@ def test_the_portable_kernel_reads_a_view_past_2_to_the_31(monkeypatch, what):
     else:
         (q8, k8, v8), descales = _fp8_inputs(1, 2, 1, 16, 140, 64)
         far_k = _far_copy(k8, (0, 0, FAR, 1))
-        assert not fp8_hopper._head_offsets_fit(far_k, 128) and fp8_hopper._head_offsets_fit(k8, 128)
+        assert not fp8_hopper._offsets_fit(far_k, 2, 128) and fp8_hopper._offsets_fit(k8, 2, 128)
     kwargs = dict(q_descale=descales[0], k_descale=descales[1], v_descale=descales[2], backend="fp8-hopper")
     assert torch.equal(attention(q8, far_k, v8, **kwargs), attention(q8, k8, v8, **kwargs))
 

@@ -335,10 +335,11 @@ def _portable_forward(q8, k8, vt8, descales, out_dtype, problem):
     out = torch.empty(batch, heads_q, seqlen_q, head_dim, dtype=out_dtype, device=q8.device)
     lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=q8.device)
     # The kernel's head-dim offsets are 32-bit (V^T's head dim is its dim 2); its rows' and keys'
-    # are 64-bit only where a (batch, head) spans 2^31 elements (WIDE: slower, kernel.py).
+    # are 64-bit only where they would pass 2^31 (WIDE: slower, kernel.py).
     q8, k8 = head_dim_addressable(q8), head_dim_addressable(k8)
     vt8 = head_dim_addressable(vt8.transpose(2, 3)).transpose(2, 3)
-    wide = not all(_head_offsets_fit(t, max(rows, keys)) for t in (q8, k8, vt8, out))
+    wide = not (_offsets_fit(q8, 2, rows) and _offsets_fit(out, 2, rows) and _offsets_fit(k8, 2, keys)
+                and _offsets_fit(vt8, 3, keys))
     fp8_attention_forward[(q_blocks, batch * heads_q)](
         q8, k8, vt8, out, lse, q_scales, k_scales, v_scales,
         *q8.stride(), *k8.stride(), *vt8.stride(), *out.stride(),
@@ -349,7 +350,7 @@ def _portable_forward(q8, k8, vt8, descales, out_dtype, problem):
     return out, lse
 
 
-def _head_offsets_fit(t: torch.Tensor, tile: int) -> bool:
-    """Whether every offset inside one (batch, head) of the 4-d t, a tile past its end included,
-    fits in 32 bits."""
-    return (t.shape[2] + tile) * abs(t.stride(2)) + (t.shape[3] + tile) * abs(t.stride(3)) < 2**31
+def _offsets_fit(t: torch.Tensor, axis: int, tile: int) -> bool:
+    """Whether the offsets along `axis` of the 4-d t (its rows or keys), a tile past its end
+    included, fit in 32 bits. The kernel adds each axis's offsets to the pointer on its own."""
+    return (t.shape[axis] + tile) * abs(t.stride(axis)) < 2**31
