@@ -56,6 +56,10 @@ STEP_KEYS = {64: 128, 128: 128, 256: 128}
 CAUSAL_STEP_KEYS = {64: 128, 128: 128, 256: 128}
 STAGES = 2
 FMA_SHARE = 4  # 1 / FMA_SHARE of the exponentials on the FMA pipe (0: none), `_exp2` in ../triton/hopper.py
+# The two consumers take turns at their exponentials (`_take_turn`), so that one's run on the
+# special-function unit while the other's matmuls and row statistics run, where free-running they
+# fall into step and both wait on that unit at once.
+EXP_TURNS = False
 # Head dims with one program per SM, each taking tile after tile, not one program per tile (H100,
 # 2026-12-06, D = 128 non-causal: 792 against 762 TFLOP/s at 4k keys, 825 against 823 at 16k).
 # Not D = 256, whose loop spills with it (312 B at causal, sm_90a), and not causal: its tiles' work
@@ -85,7 +89,10 @@ _failure: str | None = None
 FREE_ID = gl.constexpr(8)
 FREE_THREADS = gl.constexpr(32 * (NUM_WARPS + 4 + 1))  # both consumer warpgroups and the producer warp
 # Q's buffer goes back the same way, after a tile's last scores, through id FREE_ID + 2 * STAGES
-# (`_q_free`; so STAGES is at most 3).
+# (`_q_free`; so STAGES is at most 3). With EXP_TURNS, consumer ME's turn at the exponentials is
+# id TURN_ID + ME (so STAGES is at most 2 there).
+TURN_ID = gl.constexpr(FREE_ID + 5)
+TURN_THREADS = gl.constexpr(32 * 8)  # both consumer warpgroups
 
 
 @gluon.jit
@@ -123,6 +130,46 @@ def _named_sync(barrier_id, threads):
     """This warp arrives at named barrier `barrier_id` and waits until `threads` threads have."""
     gl.inline_asm_elementwise("bar.sync $1, $2; mov.u32 $0, 0;", "=r,r,r", [barrier_id, threads], dtype=gl.int32,
                               is_pure=False, pack=1)
+
+
+@gluon.jit
+def _turn_barrier(rows, barrier_id, SYNC: gl.constexpr):
+    """bar.sync (SYNC) or bar.arrive at named barrier `barrier_id` of both consumer warpgroups,
+    once a thread, ordered after the arithmetic that gives `rows` (a thread's two rows' values) and,
+    for SYNC, before any that uses the result. Returns `rows` as they are.
+
+    ptxas moves barriers across arithmetic, which has no dependency on them. So the id is
+    computed from `rows` (min(id, bits | 0xFFFFFFF0) is id, which ptxas cannot fold), and after a
+    bar.sync the result takes a zero made the same way from a shared-memory load at address 0 (which
+    ptxas keeps below the barrier)."""
+    if SYNC:
+        return gl.inline_asm_elementwise(
+            "{ .reg .b32 id, z; or.b32 id, $2, $3; or.b32 id, id, 0xFFFFFFF0; min.u32 id, id, $4; "
+            "bar.sync id, $6; and.b32 z, id, 0xFFFFFFF0; ld.shared.b32 z, [z]; or.b32 z, z, 0xFFFFFFF0; "
+            "min.u32 z, z, $4; sub.u32 z, z, $4; add.u32 $0, $2, z; add.u32 $1, $3, z; }", "=r,=r,r,r,r,r,r,r", [rows, barrier_id, TURN_THREADS],
+            dtype=gl.float32, is_pure=False, pack=2)
+    else:
+        return gl.inline_asm_elementwise(
+            "{ .reg .b32 id; or.b32 id, $2, $3; or.b32 id, id, 0xFFFFFFF0; min.u32 id, id, $4; bar.arrive id, $6; } "
+            "mov.b32 $0, $2; mov.b32 $1, $3;", "=r,=r,r,r,r,r,r,r", [rows, barrier_id, TURN_THREADS],
+            dtype=gl.float32, is_pure=False, pack=2)
+
+
+@gluon.jit
+def _take_turn(base, n, ME: gl.constexpr):
+    """Before consumer ME's exponentials of its n-th key step in this program, once its row
+    maxima (`base`) are known: wait for the other consumer's to be done (consumer 0's first step
+    goes first). Returns base."""
+    if ME == 1 or n > 0:
+        base = _turn_barrier(base, TURN_ID + ME, True)
+    return base
+
+
+@gluon.jit
+def _pass_turn(row_sum, ME: gl.constexpr):
+    """After consumer ME's exponentials, once its row sums (`row_sum`) are: the other consumer's
+    turn (`_take_turn`). Returns row_sum."""
+    return _turn_barrier(row_sum, TURN_ID + 1 - ME, False)
 
 
 @gluon.jit
@@ -280,12 +327,27 @@ def _masked(s, n0, rows, seqlen_k, shift, CAUSAL: gl.constexpr, layout: gl.const
 
 
 @gluon.jit
-def _step_softmax(s_a, s_b, row_max, row_sum, rows, n0, full_end, seqlen_k, shift, qk_scale, CAUSAL: gl.constexpr,
-                  BLOCK_N: gl.constexpr, a_layout: gl.constexpr, b_layout: gl.constexpr, FMA_SHARE: gl.constexpr):
+def _step_softmax(s_a, s_b, row_max, row_sum, rows, n0, full_end, seqlen_k, shift, qk_scale, n, CAUSAL: gl.constexpr,
+                  BLOCK_N: gl.constexpr, a_layout: gl.constexpr, b_layout: gl.constexpr, FMA_SHARE: gl.constexpr,
+                  EXP_TURNS: gl.constexpr, ME: gl.constexpr):
     """The online softmax of the step at key n0 (`_block_softmax`, over both tiles where it has
-    two): P_a, P_b (float32, x 2^P_SHIFT), the new running max and sum, and O's factor."""
+    two): P_a, P_b (float32, x 2^P_SHIFT), the new running max and sum, and O's factor. n: the
+    step's count in this program (EXP_TURNS: `_take_turn`)."""
     TILE_A: gl.constexpr = _first_tile(BLOCK_N)
     TILE_B: gl.constexpr = BLOCK_N - TILE_A
+    if EXP_TURNS:
+        gl.static_assert(TILE_B == 0, "EXP_TURNS: steps of one score tile")
+        a_rows_: gl.constexpr = gl.SliceLayout(1, a_layout)
+        if n0 + BLOCK_N > full_end:
+            s_a = _masked(s_a, n0, rows, seqlen_k, shift, CAUSAL, a_layout)
+        new_max = gl.maximum(row_max, _row_reduce(s_a, True, True, a_rows_) * qk_scale)
+        # A row that has seen no visible key yet keeps max -inf: shift it by 0 instead.
+        base = gl.where(new_max == float("-inf"), 0.0, new_max) - P_SHIFT
+        base = _take_turn(base, n, ME)
+        p_a = gl.convert_layout(_exp2(s_a * qk_scale - gl.expand_dims(base, 1), FMA_SHARE), a_layout)
+        alpha = gl.exp2(row_max - (base + P_SHIFT))
+        row_sum = _pass_turn(row_sum * alpha + _row_reduce(p_a, False, True, a_rows_), ME)
+        return p_a, s_b, new_max, row_sum, alpha
     if TILE_B == 0:
         p_a, row_max, row_sum, alpha = _block_softmax(s_a, row_max, row_sum, rows, n0, full_end, seqlen_k, shift,
                                                       qk_scale, CAUSAL, TILE_A, a_layout, P_SHIFT, True, FMA_SHARE)
@@ -312,7 +374,7 @@ def _step_softmax(s_a, s_b, row_max, row_sum, rows, n0, full_end, seqlen_k, shif
 @gluon.jit
 def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr,
                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, ME: gl.constexpr):
+                  FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, ME: gl.constexpr):
     """Compute warpgroup ME's part of tile t: rows ME * 64 .. ME * 64 + 63 of its row block, key
     steps of BLOCK_N (one or two score tiles: `step_tiles`). uses: key steps used by this program
     so far (the n-th in ring slot n % STAGES, phase (n // STAGES) & 1); queries: tiles whose Q was
@@ -363,8 +425,8 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
         qk_scale = gl.maximum(q_scale * gl.load(k_descale), MIN_SCALE)
         v_scale = gl.maximum(gl.load(v_descale), MIN_SCALE)
         p_a, p_b, row_max, row_sum, alpha = _step_softmax(s_a, s_b, row_max, row_sum, rows, 0, full_end, seqlen_k,
-                                                          shift, qk_scale, CAUSAL, BLOCK_N, a_layout, b_layout,
-                                                          FMA_SHARE)
+                                                          shift, qk_scale, uses, CAUSAL, BLOCK_N, a_layout, b_layout,
+                                                          FMA_SHARE, EXP_TURNS, ME)
 
         for j in range(1, num_blocks):
             # S_j = Q K_j^T and O += P_{j-1} V_{j-1}, both in flight at once.
@@ -387,8 +449,8 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
 
             # Softmax of step j under the running P V product.
             p_a, p_b, row_max, row_sum, alpha = _step_softmax(s_a, s_b, row_max, row_sum, rows, j * BLOCK_N,
-                                                              full_end, seqlen_k, shift, qk_scale, CAUSAL, BLOCK_N,
-                                                              a_layout, b_layout, FMA_SHARE)
+                                                              full_end, seqlen_k, shift, qk_scale, n, CAUSAL, BLOCK_N,
+                                                              a_layout, b_layout, FMA_SHARE, EXP_TURNS, ME)
             # P's e4m3 registers cannot be named in deps (Triton 3.6: "Unexpected bitwidth in
             # WGMMAWaitGroupOp: 8"); the SASS shows ptxas keeps them until this wait.
             o = warpgroup_mma_wait(0, deps=(o,))
@@ -419,33 +481,35 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
 @gluon.jit
 def _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-              KV_BLOCK_SCALES: gl.constexpr, PERSISTENT: gl.constexpr, ME: gl.constexpr):
+              KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, PERSISTENT: gl.constexpr, ME: gl.constexpr):
     """Compute warpgroup ME (0 or 1): the program's tile, or with PERSISTENT tile after tile."""
     if PERSISTENT:
         uses = 0
         queries = 0
         for t in range(gl.program_id(0), geometry[4], gl.num_programs(0)):
             uses, queries = _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM,
-                                          BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, ME)
+                                          BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, ME)
     else:
-        _compute_tile(gl.program_id(0), 0, 0, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M,
-                      BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, ME)
+        uses, queries = _compute_tile(gl.program_id(0), 0, 0, smem, bars, geometry, scales, outputs, CAUSAL,
+                                      HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, ME)
+    if EXP_TURNS and ME == 0 and uses > 0:  # take consumer 1's last hand-over: no named barrier left part-way
+        _named_sync(TURN_ID, TURN_THREADS)
 
 
 @gluon.jit
 def _first_consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-                    KV_BLOCK_SCALES: gl.constexpr, PERSISTENT: gl.constexpr):
+                    KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, PERSISTENT: gl.constexpr):
     _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
-              KV_BLOCK_SCALES, PERSISTENT, 0)
+              KV_BLOCK_SCALES, EXP_TURNS, PERSISTENT, 0)
 
 
 @gluon.jit
 def _second_consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-                     KV_BLOCK_SCALES: gl.constexpr, PERSISTENT: gl.constexpr):
+                     KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, PERSISTENT: gl.constexpr):
     _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
-              KV_BLOCK_SCALES, PERSISTENT, 1)
+              KV_BLOCK_SCALES, EXP_TURNS, PERSISTENT, 1)
 
 
 @gluon.jit
@@ -455,7 +519,7 @@ def fp8_hopper_forward(
     stride_qsb, stride_qsh, stride_qsm, stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     seqlen_q, seqlen_k, heads, group, q_scale_group, scale_log2, batch_heads,
     CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr,
+    STAGES: gl.constexpr, FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr,
     PERSISTENT: gl.constexpr,
 ):
     """Grid: (programs,), each taking tiles (a row block of a (batch, query head)) program_id,
@@ -480,6 +544,7 @@ def fp8_hopper_forward(
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     gl.static_assert(FREE_ID + 2 * STAGES < 16, "named barriers: a CTA has 16")
+    gl.static_assert(not EXP_TURNS or FREE_ID + 2 * STAGES < TURN_ID, "EXP_TURNS: named barriers for 2 stages at most")
     mbarrier.init(q_ready, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
@@ -494,9 +559,9 @@ def fp8_hopper_forward(
     outputs = (Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh)
     gl.warp_specialize([
         (_first_consumer, (descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                           FMA_SHARE, KV_BLOCK_SCALES, PERSISTENT)),
+                           FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, PERSISTENT)),
         (_second_consumer, (descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                            FMA_SHARE, KV_BLOCK_SCALES, PERSISTENT)),
+                            FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, PERSISTENT)),
         (_producer, (descs, smem, bars, geometry, CAUSAL, BLOCK_M, BLOCK_N, STAGES, PERSISTENT)),
     ], [4, 1], [240, 24])
 
@@ -589,7 +654,7 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
                *(s for descale in descales for s in _block_strides(descale)),
                seqlen_q, problem.seqlen_k, heads_q, problem.group_size, q_scale_group, problem.scale * LOG2E,
                batch * heads_q, CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=keys, STAGES=STAGES, FMA_SHARE=FMA_SHARE,
-               KV_BLOCK_SCALES=descales[1].dim() == 3 or descales[2].dim() == 3,
+               KV_BLOCK_SCALES=descales[1].dim() == 3 or descales[2].dim() == 3, EXP_TURNS=EXP_TURNS,
                PERSISTENT=persistent, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
     except Exception as exc:  # noqa: BLE001 - fall back to the portable kernel, say so once
         if compile_only:
