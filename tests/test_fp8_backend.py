@@ -526,8 +526,9 @@ for head_dim, causal, keys, kv_block_scales in cases:
              "vt_desc": hopper._descriptor(vt, [1, 1, head_dim, tile_a]),
              "vtb_desc": hopper._descriptor(vt, [1, 1, head_dim, tile_b or tile_a])}
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper.BLOCK_M, BLOCK_N=keys,
-                      STAGES=hopper.STAGES, FMA_SHARE=hopper.FMA_SHARE, KV_BLOCK_SCALES=kv_block_scales,
-                      EXP_TURNS=hopper.EXP_TURNS, PERSISTENT=head_dim in hopper.PERSISTENT and not causal)
+                      STAGES=hopper.STAGES, FMA_SHARE=hopper.FMA_SHARE[head_dim], KV_BLOCK_SCALES=kv_block_scales,
+                      EXP_TURNS=hopper.EXP_TURNS[head_dim], LATE_RESCALE=hopper.LATE_RESCALE[head_dim],
+                      PERSISTENT=head_dim in hopper.PERSISTENT and not causal)
     types = {"Out": "*bf16", "Lse": "*fp32", "QDescale": "*fp32", "KDescale": "*fp32", "VDescale": "*fp32",
              "scale_log2": "fp32", **{name: mangle_type(d) for name, d in descs.items()}}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}

@@ -55,11 +55,15 @@ BLOCK_M = 128  # also the quantization block of Q
 STEP_KEYS = {64: 128, 128: 128, 256: 128}
 CAUSAL_STEP_KEYS = {64: 128, 128: 128, 256: 128}
 STAGES = 2
-FMA_SHARE = 4  # 1 / FMA_SHARE of the exponentials on the FMA pipe (0: none), `_exp2` in ../triton/hopper.py
-# The two consumers take turns at their exponentials (`_take_turn`), so that one's run on the
-# special-function unit while the other's matmuls and row statistics run, where free-running they
-# fall into step and both wait on that unit at once.
-EXP_TURNS = False
+# Per head dim: 1 / FMA_SHARE of the exponentials on the FMA pipe (0: none), `_exp2` in
+# ../triton/hopper.py.
+FMA_SHARE = {64: 4, 128: 4, 256: 4}
+# Per head dim: the two consumers take turns at their exponentials (`_take_turn`), so that one's
+# run on the special-function unit while the other's matmuls and row statistics run, where
+# free-running they fall into step and both wait on that unit at once.
+EXP_TURNS = {64: False, 128: False, 256: False}
+# Per head dim: O's rescale for step j's max is done under S_{j+1}'s product, not before issuing it.
+LATE_RESCALE = {64: False, 128: False, 256: False}
 # Head dims with one program per SM, each taking tile after tile, not one program per tile (H100,
 # 2026-12-06, D = 128 non-causal: 792 against 762 TFLOP/s at 4k keys, 825 against 823 at 16k).
 # Not D = 256, whose loop spills with it (312 B at causal, sm_90a), and not causal: its tiles' work
@@ -374,7 +378,7 @@ def _step_softmax(s_a, s_b, row_max, row_sum, rows, n0, full_end, seqlen_k, shif
 @gluon.jit
 def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr,
                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, ME: gl.constexpr):
+                  FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, LATE_RESCALE: gl.constexpr, ME: gl.constexpr):
     """Compute warpgroup ME's part of tile t: rows ME * 64 .. ME * 64 + 63 of its row block, key
     steps of BLOCK_N (one or two score tiles: `step_tiles`). uses: key steps used by this program
     so far (the n-th in ring slot n % STAGES, phase (n // STAGES) & 1); queries: tiles whose Q was
@@ -427,6 +431,8 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
         p_a, p_b, row_max, row_sum, alpha = _step_softmax(s_a, s_b, row_max, row_sum, rows, 0, full_end, seqlen_k,
                                                           shift, qk_scale, uses, CAUSAL, BLOCK_N, a_layout, b_layout,
                                                           FMA_SHARE, EXP_TURNS, ME)
+        if LATE_RESCALE:  # O's factor, applied at the next product (O is 0 until then)
+            o_factor = gl.convert_layout(alpha, o_rows)
 
         for j in range(1, num_blocks):
             # S_j = Q K_j^T and O += P_{j-1} V_{j-1}, both in flight at once.
@@ -443,6 +449,8 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
             # P_{j-1} packed first: its float32 registers are free before S_j takes its own.
             op_a, op_b = _operands(p_a, p_b, ROWS, BLOCK_N, p_layout)
             s_a, s_b = _scores(q, k_smem, kb_smem, slot, zero_a, zero_b, HEAD_DIM, BLOCK_N)
+            if LATE_RESCALE:  # under S_j's product, where before it held S_j back
+                o = o * gl.expand_dims(o_factor, 1)
             o = _products(o, op_a, op_b, vt_smem, vtb_smem, prev, HEAD_DIM, BLOCK_N)
             s_a, s_b = _await_scores(s_a, s_b, PENDING, BLOCK_N)
             _named_arrive(FREE_ID + slot, FREE_THREADS)
@@ -456,16 +464,22 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
             o = warpgroup_mma_wait(0, deps=(o,))
             _named_arrive(FREE_ID + STAGES + prev, FREE_THREADS)
             if KV_BLOCK_SCALES:  # O moves to step j's max and to step j's V descale in one multiply
-                o = o * gl.expand_dims(gl.convert_layout(alpha * (v_scale / next_v_scale), o_rows), 1)
+                factor = gl.convert_layout(alpha * (v_scale / next_v_scale), o_rows)
                 v_scale = next_v_scale
             else:  # 40 instructions a step fewer (sm_90a SASS): the loads, and the division's
-                o = o * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+                factor = gl.convert_layout(alpha, o_rows)
+            if LATE_RESCALE:
+                o_factor = factor
+            else:
+                o = o * gl.expand_dims(factor, 1)
         _named_arrive(_q_free(STAGES), FREE_THREADS)  # every S of the tile is done: the next tile's Q may come
 
         # The last step's P V.
         last = uses + num_blocks - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         op_a, op_b = _operands(p_a, p_b, ROWS, BLOCK_N, p_layout)
+        if LATE_RESCALE:
+            o = o * gl.expand_dims(o_factor, 1)
         o = _products(o, op_a, op_b, vt_smem, vtb_smem, last % STAGES, HEAD_DIM, BLOCK_N)
         o = warpgroup_mma_wait(0, deps=(o,))
         _named_arrive(FREE_ID + STAGES + last % STAGES, FREE_THREADS)
@@ -481,17 +495,17 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
 @gluon.jit
 def _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-              KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, PERSISTENT: gl.constexpr, ME: gl.constexpr):
+              KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, LATE_RESCALE: gl.constexpr, PERSISTENT: gl.constexpr, ME: gl.constexpr):
     """Compute warpgroup ME (0 or 1): the program's tile, or with PERSISTENT tile after tile."""
     if PERSISTENT:
         uses = 0
         queries = 0
         for t in range(gl.program_id(0), geometry[4], gl.num_programs(0)):
             uses, queries = _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM,
-                                          BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, ME)
+                                          BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, LATE_RESCALE, ME)
     else:
         uses, queries = _compute_tile(gl.program_id(0), 0, 0, smem, bars, geometry, scales, outputs, CAUSAL,
-                                      HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, ME)
+                                      HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, LATE_RESCALE, ME)
     if EXP_TURNS and ME == 0 and uses > 0:  # take consumer 1's last hand-over: no named barrier left part-way
         _named_sync(TURN_ID, TURN_THREADS)
 
@@ -499,17 +513,17 @@ def _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr
 @gluon.jit
 def _first_consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-                    KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, PERSISTENT: gl.constexpr):
+                    KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, LATE_RESCALE: gl.constexpr, PERSISTENT: gl.constexpr):
     _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
-              KV_BLOCK_SCALES, EXP_TURNS, PERSISTENT, 0)
+              KV_BLOCK_SCALES, EXP_TURNS, LATE_RESCALE, PERSISTENT, 0)
 
 
 @gluon.jit
 def _second_consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-                     KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, PERSISTENT: gl.constexpr):
+                     KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, LATE_RESCALE: gl.constexpr, PERSISTENT: gl.constexpr):
     _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
-              KV_BLOCK_SCALES, EXP_TURNS, PERSISTENT, 1)
+              KV_BLOCK_SCALES, EXP_TURNS, LATE_RESCALE, PERSISTENT, 1)
 
 
 @gluon.jit
@@ -520,7 +534,7 @@ def fp8_hopper_forward(
     seqlen_q, seqlen_k, heads, group, q_scale_group, scale_log2, batch_heads,
     CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr,
-    PERSISTENT: gl.constexpr,
+    LATE_RESCALE: gl.constexpr, PERSISTENT: gl.constexpr,
 ):
     """Grid: (programs,), each taking tiles (a row block of a (batch, query head)) program_id,
     program_id + programs, ... of the batch_heads x row blocks (`_tile`): as many programs as tiles,
@@ -559,9 +573,9 @@ def fp8_hopper_forward(
     outputs = (Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh)
     gl.warp_specialize([
         (_first_consumer, (descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                           FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, PERSISTENT)),
+                           FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, LATE_RESCALE, PERSISTENT)),
         (_second_consumer, (descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                            FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, PERSISTENT)),
+                            FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, LATE_RESCALE, PERSISTENT)),
         (_producer, (descs, smem, bars, geometry, CAUSAL, BLOCK_M, BLOCK_N, STAGES, PERSISTENT)),
     ], [4, 1], [240, 24])
 
@@ -653,8 +667,9 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
         compiled = kernel(*descriptors, out, lse, *descales, *out.stride()[:3], *lse.stride()[:2],
                *(s for descale in descales for s in _block_strides(descale)),
                seqlen_q, problem.seqlen_k, heads_q, problem.group_size, q_scale_group, problem.scale * LOG2E,
-               batch * heads_q, CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=keys, STAGES=STAGES, FMA_SHARE=FMA_SHARE,
-               KV_BLOCK_SCALES=descales[1].dim() == 3 or descales[2].dim() == 3, EXP_TURNS=EXP_TURNS,
+               batch * heads_q, CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=keys, STAGES=STAGES,
+               FMA_SHARE=FMA_SHARE[d], KV_BLOCK_SCALES=descales[1].dim() == 3 or descales[2].dim() == 3,
+               EXP_TURNS=EXP_TURNS[d], LATE_RESCALE=LATE_RESCALE[d],
                PERSISTENT=persistent, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
     except Exception as exc:  # noqa: BLE001 - fall back to the portable kernel, say so once
         if compile_only:
