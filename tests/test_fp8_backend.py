@@ -527,8 +527,7 @@ for head_dim, causal, keys, kv_block_scales in cases:
              "vtb_desc": hopper._descriptor(vt, [1, 1, head_dim, tile_b or tile_a])}
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper.BLOCK_M, BLOCK_N=keys,
                       STAGES=hopper.STAGES, FMA_SHARE=hopper.FMA_SHARE[head_dim], KV_BLOCK_SCALES=kv_block_scales,
-                      EXP_TURNS=hopper.EXP_TURNS[head_dim], LATE_RESCALE=hopper.LATE_RESCALE[head_dim],
-                      PERSISTENT=head_dim in hopper.PERSISTENT and not causal)
+                      EXP_TURNS=hopper.EXP_TURNS[head_dim] and not tile_b, PERSISTENT=head_dim in hopper.PERSISTENT and not causal)
     types = {"Out": "*bf16", "Lse": "*fp32", "QDescale": "*fp32", "KDescale": "*fp32", "VDescale": "*fp32",
              "scale_log2": "fp32", **{name: mangle_type(d) for name, d in descs.items()}}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
@@ -550,8 +549,10 @@ for head_dim, causal, keys, kv_block_scales in cases:
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and ptx.count("shfl.sync.idx") <= 1, case
     # Buffers handed back per warp through named barriers, not one thread's mbarrier arrive.
     assert "bar.arrive" in ptx and "mbarrier.arrive.shared::cta" not in ptx, case
-    # Part of the exponentials on the FMA pipe: its rounding constant, 1.5 x 2^23, is there.
-    assert "ex2.approx" in ptx and "0f4B400000" in ptx, case
+    # Part of the exponentials on the FMA pipe where asked: its rounding constant, 1.5 x 2^23.
+    assert "ex2.approx" in ptx and ("0f4B400000" in ptx) == (hopper.FMA_SHARE[head_dim] > 0), case
+    # The consumers' turns at the exponentials: named barriers whose id is computed (`_turn_barrier`).
+    assert ("bar.sync id" in ptx and "bar.arrive id" in ptx) == (hopper.EXP_TURNS[head_dim] and not tile_b), case
 
 # The portable kernel: its (batch, head) offsets in 64 bits too.
 from triton.compiler import ASTSource

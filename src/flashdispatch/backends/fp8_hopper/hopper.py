@@ -2,13 +2,15 @@
 matmuls on e4m3 wgmma (QGMMA).
 
 One producer warp issues TMA loads of Q, K_j and V_j^T into rings of shared-memory buffers; two
-consumer warpgroups (64 query rows each) run free (no ping-pong: measured faster here), and inside
-each the softmax of key block j runs on the CUDA cores while the tensor cores multiply P_{j-1} by
-V_{j-1}. With FP8 the matmuls take half the time they take in bf16, so the kernel is bound by the
-softmax's instructions and their latency: row reductions as trees, P packed into the wgmma's A
-registers without moving data between threads (below), a quarter of the exponentials on the FMA
-pipe (MUFU, which also runs P's conversion to e4m3, was the busiest unit), buffers handed back
-through named barriers. docs/notes/fp8.md has the measurements.
+consumer warpgroups (64 query rows each) issue their matmuls freely (no ping-pong on the tensor
+cores: measured faster here), and inside each the softmax of key block j runs on the CUDA cores
+while the tensor cores multiply P_{j-1} by V_{j-1}. With FP8 the matmuls take half the time they
+take in bf16, so the kernel is bound by the softmax: its exponentials and P's conversion to e4m3
+share the special-function unit (MUFU). At D = 64 and 128 the consumers take turns at their
+exponentials (`EXP_TURNS`), so that they do not queue at that unit together; at D = 256 a quarter
+of the exponentials go to the FMA pipe instead. Also: row reductions as trees, P packed into the
+wgmma's A registers without moving data between threads (below), buffers handed back through named
+barriers. docs/notes/fp8.md has the measurements.
 
 Operands. Q (B, Hq, Nq, D), K (B, Hkv, Nk, D) and V^T (B, Hkv, D, N_pad) in e4m3, through TMA
 descriptors; FP8 wgmma reads both operands K-major, so V arrives transposed and V_j^T's (D,
@@ -55,15 +57,16 @@ BLOCK_M = 128  # also the quantization block of Q
 STEP_KEYS = {64: 128, 128: 128, 256: 128}
 CAUSAL_STEP_KEYS = {64: 128, 128: 128, 256: 128}
 STAGES = 2
-# Per head dim: 1 / FMA_SHARE of the exponentials on the FMA pipe (0: none), `_exp2` in
-# ../triton/hopper.py.
-FMA_SHARE = {64: 4, 128: 4, 256: 4}
 # Per head dim: the two consumers take turns at their exponentials (`_take_turn`), so that one's
-# run on the special-function unit while the other's matmuls and row statistics run, where
-# free-running they fall into step and both wait on that unit at once.
-EXP_TURNS = {64: False, 128: False, 256: False}
-# Per head dim: O's rescale for step j's max is done under S_{j+1}'s product, not before issuing it.
-LATE_RESCALE = {64: False, 128: False, 256: False}
+# run on the special-function unit (MUFU) while the other's matmuls and row statistics run, where
+# free-running they fall into step and wait on that unit at once. And 1 / FMA_SHARE of the
+# exponentials on the FMA pipe instead (0: none; `_exp2` in ../triton/hopper.py). H100, 2026-12-06
+# (`docs/data/fp8-sweep-exp-turns-h100-2026-12-06*.log`, TFLOP/s at 4k, 4k causal, 16k, 16k causal):
+# D = 128 free with 1/4 on FMA 775 / 642 / 764 / 767, taking turns with none 811 / 676 / 825 / 811;
+# D = 64 480 / 390 / 499 / 468 and 493 / 425 / 517 / 513; D = 256 loses with turns (1,148 against
+# 1,084 at 16k), where the tensor cores, not MUFU, are the limit.
+EXP_TURNS = {64: True, 128: True, 256: False}
+FMA_SHARE = {64: 0, 128: 0, 256: 4}
 # Head dims with one program per SM, each taking tile after tile, not one program per tile (H100,
 # 2026-12-06, D = 128 non-causal: 792 against 762 TFLOP/s at 4k keys, 825 against 823 at 16k).
 # Not D = 256, whose loop spills with it (312 B at causal, sm_90a), and not causal: its tiles' work
@@ -378,7 +381,7 @@ def _step_softmax(s_a, s_b, row_max, row_sum, rows, n0, full_end, seqlen_k, shif
 @gluon.jit
 def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr,
                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, LATE_RESCALE: gl.constexpr, ME: gl.constexpr):
+                  FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, ME: gl.constexpr):
     """Compute warpgroup ME's part of tile t: rows ME * 64 .. ME * 64 + 63 of its row block, key
     steps of BLOCK_N (one or two score tiles: `step_tiles`). uses: key steps used by this program
     so far (the n-th in ring slot n % STAGES, phase (n // STAGES) & 1); queries: tiles whose Q was
@@ -431,8 +434,6 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
         p_a, p_b, row_max, row_sum, alpha = _step_softmax(s_a, s_b, row_max, row_sum, rows, 0, full_end, seqlen_k,
                                                           shift, qk_scale, uses, CAUSAL, BLOCK_N, a_layout, b_layout,
                                                           FMA_SHARE, EXP_TURNS, ME)
-        if LATE_RESCALE:  # O's factor, applied at the next product (O is 0 until then)
-            o_factor = gl.convert_layout(alpha, o_rows)
 
         for j in range(1, num_blocks):
             # S_j = Q K_j^T and O += P_{j-1} V_{j-1}, both in flight at once.
@@ -449,8 +450,6 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
             # P_{j-1} packed first: its float32 registers are free before S_j takes its own.
             op_a, op_b = _operands(p_a, p_b, ROWS, BLOCK_N, p_layout)
             s_a, s_b = _scores(q, k_smem, kb_smem, slot, zero_a, zero_b, HEAD_DIM, BLOCK_N)
-            if LATE_RESCALE:  # under S_j's product, where before it held S_j back
-                o = o * gl.expand_dims(o_factor, 1)
             o = _products(o, op_a, op_b, vt_smem, vtb_smem, prev, HEAD_DIM, BLOCK_N)
             s_a, s_b = _await_scores(s_a, s_b, PENDING, BLOCK_N)
             _named_arrive(FREE_ID + slot, FREE_THREADS)
@@ -464,22 +463,16 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
             o = warpgroup_mma_wait(0, deps=(o,))
             _named_arrive(FREE_ID + STAGES + prev, FREE_THREADS)
             if KV_BLOCK_SCALES:  # O moves to step j's max and to step j's V descale in one multiply
-                factor = gl.convert_layout(alpha * (v_scale / next_v_scale), o_rows)
+                o = o * gl.expand_dims(gl.convert_layout(alpha * (v_scale / next_v_scale), o_rows), 1)
                 v_scale = next_v_scale
             else:  # 40 instructions a step fewer (sm_90a SASS): the loads, and the division's
-                factor = gl.convert_layout(alpha, o_rows)
-            if LATE_RESCALE:
-                o_factor = factor
-            else:
-                o = o * gl.expand_dims(factor, 1)
+                o = o * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
         _named_arrive(_q_free(STAGES), FREE_THREADS)  # every S of the tile is done: the next tile's Q may come
 
         # The last step's P V.
         last = uses + num_blocks - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         op_a, op_b = _operands(p_a, p_b, ROWS, BLOCK_N, p_layout)
-        if LATE_RESCALE:
-            o = o * gl.expand_dims(o_factor, 1)
         o = _products(o, op_a, op_b, vt_smem, vtb_smem, last % STAGES, HEAD_DIM, BLOCK_N)
         o = warpgroup_mma_wait(0, deps=(o,))
         _named_arrive(FREE_ID + STAGES + last % STAGES, FREE_THREADS)
@@ -495,17 +488,17 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
 @gluon.jit
 def _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-              KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, LATE_RESCALE: gl.constexpr, PERSISTENT: gl.constexpr, ME: gl.constexpr):
+              KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, PERSISTENT: gl.constexpr, ME: gl.constexpr):
     """Compute warpgroup ME (0 or 1): the program's tile, or with PERSISTENT tile after tile."""
     if PERSISTENT:
         uses = 0
         queries = 0
         for t in range(gl.program_id(0), geometry[4], gl.num_programs(0)):
             uses, queries = _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM,
-                                          BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, LATE_RESCALE, ME)
+                                          BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, ME)
     else:
         uses, queries = _compute_tile(gl.program_id(0), 0, 0, smem, bars, geometry, scales, outputs, CAUSAL,
-                                      HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, LATE_RESCALE, ME)
+                                      HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, ME)
     if EXP_TURNS and ME == 0 and uses > 0:  # take consumer 1's last hand-over: no named barrier left part-way
         _named_sync(TURN_ID, TURN_THREADS)
 
@@ -513,17 +506,17 @@ def _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr
 @gluon.jit
 def _first_consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-                    KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, LATE_RESCALE: gl.constexpr, PERSISTENT: gl.constexpr):
+                    KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, PERSISTENT: gl.constexpr):
     _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
-              KV_BLOCK_SCALES, EXP_TURNS, LATE_RESCALE, PERSISTENT, 0)
+              KV_BLOCK_SCALES, EXP_TURNS, PERSISTENT, 0)
 
 
 @gluon.jit
 def _second_consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-                     KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, LATE_RESCALE: gl.constexpr, PERSISTENT: gl.constexpr):
+                     KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, PERSISTENT: gl.constexpr):
     _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
-              KV_BLOCK_SCALES, EXP_TURNS, LATE_RESCALE, PERSISTENT, 1)
+              KV_BLOCK_SCALES, EXP_TURNS, PERSISTENT, 1)
 
 
 @gluon.jit
@@ -534,7 +527,7 @@ def fp8_hopper_forward(
     seqlen_q, seqlen_k, heads, group, q_scale_group, scale_log2, batch_heads,
     CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr,
-    LATE_RESCALE: gl.constexpr, PERSISTENT: gl.constexpr,
+    PERSISTENT: gl.constexpr,
 ):
     """Grid: (programs,), each taking tiles (a row block of a (batch, query head)) program_id,
     program_id + programs, ... of the batch_heads x row blocks (`_tile`): as many programs as tiles,
@@ -573,9 +566,9 @@ def fp8_hopper_forward(
     outputs = (Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh)
     gl.warp_specialize([
         (_first_consumer, (descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                           FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, LATE_RESCALE, PERSISTENT)),
+                           FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, PERSISTENT)),
         (_second_consumer, (descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                            FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, LATE_RESCALE, PERSISTENT)),
+                            FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, PERSISTENT)),
         (_producer, (descs, smem, bars, geometry, CAUSAL, BLOCK_M, BLOCK_N, STAGES, PERSISTENT)),
     ], [4, 1], [240, 24])
 
@@ -649,6 +642,7 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
     d = problem.head_dim
     keys = step_keys(d, problem.causal)
     tile_a, tile_b = step_tiles(keys)
+    turns = EXP_TURNS[d] and not tile_b  # steps of one score tile only
     tile_b = tile_b or tile_a  # one tile: descriptors B are A's again, unused
     descriptors = (_descriptor(q8, [1, 1, BLOCK_M, d]), _descriptor(k8, [1, 1, tile_a, d]),
                    _descriptor(k8, [1, 1, tile_b, d]), _descriptor(vt8, [1, 1, d, tile_a]),
@@ -669,7 +663,7 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
                seqlen_q, problem.seqlen_k, heads_q, problem.group_size, q_scale_group, problem.scale * LOG2E,
                batch * heads_q, CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=keys, STAGES=STAGES,
                FMA_SHARE=FMA_SHARE[d], KV_BLOCK_SCALES=descales[1].dim() == 3 or descales[2].dim() == 3,
-               EXP_TURNS=EXP_TURNS[d], LATE_RESCALE=LATE_RESCALE[d],
+               EXP_TURNS=turns,
                PERSISTENT=persistent, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
     except Exception as exc:  # noqa: BLE001 - fall back to the portable kernel, say so once
         if compile_only:
