@@ -3,7 +3,8 @@
 # with -v, so that a stall shows where), the SM clock and power sampled while the speed part runs,
 # then at D = 128 the kernel's general path (one K and V descale a key step, as quantized inputs
 # take) beside the per-head one. About 7 minutes: give it the call's full 600 s. QUICK=1: the FP8
-# rule, the full tier and the speed part only (about 5 minutes). Logs to $OUT.
+# rule, the full tier and the speed part only (about 5 minutes). NCU=1: then Nsight Compute's stall
+# samples of one D = 128 launch (about 1 more minute), appended to the sass log. Logs to $OUT.
 source "$(dirname "$0")/gpu_common.sh"
 start=$(date +%s)
 timeout 200 python3 scripts/check_fp8_gpu.py --part exact 2>&1 | tee "$out/fp8_exact.log" | grep -v "^exact: ok" | tail -n 30
@@ -29,4 +30,13 @@ echo "total before the sweep: $(( $(date +%s) - start )) s"
 # the sweep's lines go to the speed log: a ninth file in $out would not come back
 PYTHONPATH=src:scripts timeout 90 python3 scripts/sweep_fp8_gluon.py --head-dims 128 --kv-block-descales 0,1 2>&1 \
   | grep "^sweep\|Error" | tee -a "$out/fp8_speed.log"
+if [ "${NCU:-0}" = 1 ]; then  # Nsight Compute's stall samples per SASS region of one D = 128 launch, into the sass log
+  timeout 110 ncu --kernel-name fp8_hopper_forward --launch-skip 2 --launch-count 1 --clock-control none \
+      --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section SourceCounters \
+      --import-source no -o /tmp/fp8_gluon python3 scripts/profile_fp8_gluon.py > /tmp/ncu_run.log 2>&1
+  { ncu -i /tmp/fp8_gluon.ncu-rep --page source --print-source sass --csv 2>&1 | python3 scripts/ncu_sass_hotspots.py
+    ncu -i /tmp/fp8_gluon.ncu-rep --page details 2>&1 | grep -E "SM Frequency|Duration|Issue Slots Busy|Eligible Warps|No Eligible|Warp Cycles Per Issued"
+  } >> "$out/fp8_sass.log"
+  echo "ncu: $(tail -n 1 /tmp/ncu_run.log)"
+fi
 echo "total: $(( $(date +%s) - start )) s"
