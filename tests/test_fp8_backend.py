@@ -527,7 +527,7 @@ for head_dim, causal, keys, kv_block_scales in cases:
              "vtb_desc": hopper._descriptor(vt, [1, 1, head_dim, tile_b or tile_a])}
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper.BLOCK_M, BLOCK_N=keys,
                       STAGES=hopper.STAGES, FMA_SHARE=hopper.FMA_SHARE[head_dim], KV_BLOCK_SCALES=kv_block_scales,
-                      EXP_TURNS=hopper.EXP_TURNS[head_dim] and not tile_b, PERSISTENT=head_dim in hopper.PERSISTENT and not causal)
+                      EXP_TURNS=hopper.EXP_TURNS[head_dim], PERSISTENT=head_dim in hopper.PERSISTENT and not causal)
     types = {"Out": "*bf16", "Lse": "*fp32", "QDescale": "*fp32", "KDescale": "*fp32", "VDescale": "*fp32",
              "scale_log2": "fp32", **{name: mangle_type(d) for name, d in descs.items()}}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
@@ -552,7 +552,7 @@ for head_dim, causal, keys, kv_block_scales in cases:
     # Part of the exponentials on the FMA pipe where asked: its rounding constant, 1.5 x 2^23.
     assert "ex2.approx" in ptx and ("0f4B400000" in ptx) == (hopper.FMA_SHARE[head_dim] > 0), case
     # The consumers' turns at the exponentials: named barriers whose id is computed (`_turn_barrier`).
-    assert ("bar.sync id" in ptx and "bar.arrive id" in ptx) == (hopper.EXP_TURNS[head_dim] and not tile_b), case
+    assert ("bar.sync id" in ptx and "bar.arrive id" in ptx) == hopper.EXP_TURNS[head_dim], case
 
 # The portable kernel: its (batch, head) offsets in 64 bits too.
 from triton.compiler import ASTSource

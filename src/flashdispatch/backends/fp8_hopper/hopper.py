@@ -342,20 +342,7 @@ def _step_softmax(s_a, s_b, row_max, row_sum, rows, n0, full_end, seqlen_k, shif
     step's count in this program (EXP_TURNS: `_take_turn`)."""
     TILE_A: gl.constexpr = _first_tile(BLOCK_N)
     TILE_B: gl.constexpr = BLOCK_N - TILE_A
-    if EXP_TURNS:
-        gl.static_assert(TILE_B == 0, "EXP_TURNS: steps of one score tile")
-        a_rows_: gl.constexpr = gl.SliceLayout(1, a_layout)
-        if n0 + BLOCK_N > full_end:
-            s_a = _masked(s_a, n0, rows, seqlen_k, shift, CAUSAL, a_layout)
-        new_max = gl.maximum(row_max, _row_reduce(s_a, True, True, a_rows_) * qk_scale)
-        # A row that has seen no visible key yet keeps max -inf: shift it by 0 instead.
-        base = gl.where(new_max == float("-inf"), 0.0, new_max) - P_SHIFT
-        base = _take_turn(base, n, ME)
-        p_a = gl.convert_layout(_exp2(s_a * qk_scale - gl.expand_dims(base, 1), FMA_SHARE), a_layout)
-        alpha = gl.exp2(row_max - (base + P_SHIFT))
-        row_sum = _pass_turn(row_sum * alpha + _row_reduce(p_a, False, True, a_rows_), ME)
-        return p_a, s_b, new_max, row_sum, alpha
-    if TILE_B == 0:
+    if TILE_B == 0 and not EXP_TURNS:
         p_a, row_max, row_sum, alpha = _block_softmax(s_a, row_max, row_sum, rows, n0, full_end, seqlen_k, shift,
                                                       qk_scale, CAUSAL, TILE_A, a_layout, P_SHIFT, True, FMA_SHARE)
         return p_a, s_b, row_max, row_sum, alpha
@@ -363,18 +350,27 @@ def _step_softmax(s_a, s_b, row_max, row_sum, rows, n0, full_end, seqlen_k, shif
     b_rows: gl.constexpr = gl.SliceLayout(1, b_layout)
     if n0 + BLOCK_N > full_end:
         s_a = _masked(s_a, n0, rows, seqlen_k, shift, CAUSAL, a_layout)
-        s_b = _masked(s_b, n0 + TILE_A, rows, seqlen_k, shift, CAUSAL, b_layout)
-    step_max = gl.maximum(_row_reduce(s_a, True, True, a_rows),
-                          gl.convert_layout(_row_reduce(s_b, True, True, b_rows), a_rows))
+        if TILE_B > 0:
+            s_b = _masked(s_b, n0 + TILE_A, rows, seqlen_k, shift, CAUSAL, b_layout)
+    step_max = _row_reduce(s_a, True, True, a_rows)
+    if TILE_B > 0:
+        step_max = gl.maximum(step_max, gl.convert_layout(_row_reduce(s_b, True, True, b_rows), a_rows))
     new_max = gl.maximum(row_max, step_max * qk_scale)
     # A row that has seen no visible key yet keeps max -inf: shift it by 0 instead.
     base = gl.where(new_max == float("-inf"), 0.0, new_max) - P_SHIFT
+    if EXP_TURNS:
+        base = _take_turn(base, n, ME)
     p_a = gl.convert_layout(_exp2(s_a * qk_scale - gl.expand_dims(base, 1), FMA_SHARE), a_layout)
-    p_b = gl.convert_layout(_exp2(s_b * qk_scale - gl.expand_dims(gl.convert_layout(base, b_rows), 1), FMA_SHARE),
-                            b_layout)
+    p_b = s_b
+    if TILE_B > 0:
+        p_b = gl.convert_layout(_exp2(s_b * qk_scale - gl.expand_dims(gl.convert_layout(base, b_rows), 1),
+                                      FMA_SHARE), b_layout)
     alpha = gl.exp2(row_max - (base + P_SHIFT))
-    row_sum = row_sum * alpha + _row_reduce(p_a, False, True, a_rows) + gl.convert_layout(
-        _row_reduce(p_b, False, True, b_rows), a_rows)
+    row_sum = row_sum * alpha + _row_reduce(p_a, False, True, a_rows)
+    if TILE_B > 0:
+        row_sum += gl.convert_layout(_row_reduce(p_b, False, True, b_rows), a_rows)
+    if EXP_TURNS:
+        row_sum = _pass_turn(row_sum, ME)
     return p_a, p_b, new_max, row_sum, alpha
 
 
@@ -642,7 +638,6 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
     d = problem.head_dim
     keys = step_keys(d, problem.causal)
     tile_a, tile_b = step_tiles(keys)
-    turns = EXP_TURNS[d] and not tile_b  # steps of one score tile only
     tile_b = tile_b or tile_a  # one tile: descriptors B are A's again, unused
     descriptors = (_descriptor(q8, [1, 1, BLOCK_M, d]), _descriptor(k8, [1, 1, tile_a, d]),
                    _descriptor(k8, [1, 1, tile_b, d]), _descriptor(vt8, [1, 1, d, tile_a]),
@@ -663,7 +658,7 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
                seqlen_q, problem.seqlen_k, heads_q, problem.group_size, q_scale_group, problem.scale * LOG2E,
                batch * heads_q, CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=keys, STAGES=STAGES,
                FMA_SHARE=FMA_SHARE[d], KV_BLOCK_SCALES=descales[1].dim() == 3 or descales[2].dim() == 3,
-               EXP_TURNS=turns,
+               EXP_TURNS=EXP_TURNS[d],
                PERSISTENT=persistent, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
     except Exception as exc:  # noqa: BLE001 - fall back to the portable kernel, say so once
         if compile_only:
