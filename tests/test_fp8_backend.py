@@ -506,13 +506,14 @@ def test_gpu_exp2_on_the_fma_pipe_matches_exp2():
 
 
 SM90_SCRIPT = r"""
-import re
+import os, re, subprocess, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import mangle_type
 from flashdispatch.backends.fp8_hopper import hopper
 
+NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
 fn = hopper.fp8_hopper_forward
 cases = [(128, False, 128, True), (64, True, 128, False), (256, True, 128, True), (128, True, 128, False),
          (128, True, 192, True), (128, False, 192, False)]  # 192 keys: two tiles
@@ -553,6 +554,23 @@ for head_dim, causal, keys, kv_block_scales in cases:
     assert "ex2.approx" in ptx and ("0f4B400000" in ptx) == (hopper.FMA_SHARE[head_dim] > 0), case
     # The consumers' turns at the exponentials: named barriers whose id is computed (`_turn_barrier`).
     assert ("bar.sync id" in ptx and "bar.arrive id" in ptx) == hopper.EXP_TURNS[head_dim], case
+    if hopper.EXP_TURNS[head_dim] and hopper.FMA_SHARE[head_dim] == 0:
+        # ptxas moves barriers across arithmetic. In the SASS, the exponentials come after a turn's wait
+        # (bar.sync, id in a register, 256 threads; consumer 0's first step has none) and before its
+        # hand-over (bar.arrive, the same): a run of them is ended by a hand-over, never by a wait.
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(asm["cubin"])
+            cubin.flush()
+            sass = subprocess.run([NVDISASM, "-c", cubin.name], capture_output=True, text=True, check=True).stdout
+        exponentials, ends = 0, []  # ends: per run of exponentials, the turn barrier after it
+        for line in sass.splitlines():
+            turn = re.search(r"BAR\.(SYNC|ARV)\S* R\d+, 0x100", line)
+            if turn:
+                ends.append((turn.group(1), exponentials))
+                exponentials = 0
+            exponentials += "MUFU.EX2" in line
+        runs = [end for end, count in ends if count]
+        assert runs == ["ARV"] * 4 and exponentials == 0, (case, ends)  # 2 consumers: step 0 and the loop
 
 # The portable kernel: its (batch, head) offsets in 64 bits too.
 from triton.compiler import ASTSource
