@@ -1,7 +1,7 @@
 """The Gluon FP8 forward on pre-arranged e4m3 inputs (H100/H200):
 TFLOP/s of `fp8_hopper.hopper.forward` at each combination of --stages, --fma-shares, --persistent,
---step-keys, --kv-block-descales and --exp-turns (the kernel's settings; a setting the kernel cannot launch, too
-much shared memory, says so), beside the portable Triton kernel
+--step-keys, --kv-block-descales and --exp-turns (the kernel's settings; a setting the kernel
+cannot launch, too much shared memory, says so), beside the portable Triton kernel
 through attention() on the same inputs and cuDNN's bf16. Run from the repository root with
 PYTHONPATH=src:scripts; one line per case starting with `sweep:`."""
 
@@ -36,7 +36,7 @@ def _difference(result, baseline) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fma-shares", default="",
-                        help="comma-separated hopper.FMA_SHARE values to time the Gluon kernel at; default the kernel's")
+                        help="comma-separated hopper.FMA_SHARE values; default the kernel's at each head dim")
     parser.add_argument("--stages", default=str(hopper.STAGES), help="comma-separated hopper.STAGES values")
     parser.add_argument("--persistent", default="1",
                         help="comma-separated 0 (one program per tile) or 1 (one per SM at hopper.PERSISTENT's head dims)")

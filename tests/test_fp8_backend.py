@@ -570,7 +570,8 @@ for head_dim, causal, keys, kv_block_scales in cases:
                 exponentials = 0
             exponentials += "MUFU.EX2" in line
         runs = [end for end, count in ends if count]
-        assert runs == ["ARV"] * 4 and exponentials == 0, (case, ends)  # 2 consumers: step 0 and the loop
+        # 2 consumers, each at step 0 and in the loop
+        assert runs == ["ARV"] * 4 and exponentials == 0, (case, ends)
 
 # The portable kernel: its (batch, head) offsets in 64 bits too.
 from triton.compiler import ASTSource

@@ -153,8 +153,8 @@ def _turn_barrier(rows, barrier_id, SYNC: gl.constexpr):
         return gl.inline_asm_elementwise(
             "{ .reg .b32 id, z; or.b32 id, $2, $3; or.b32 id, id, 0xFFFFFFF0; min.u32 id, id, $4; "
             "bar.sync id, $6; and.b32 z, id, 0xFFFFFFF0; ld.shared.b32 z, [z]; or.b32 z, z, 0xFFFFFFF0; "
-            "min.u32 z, z, $4; sub.u32 z, z, $4; add.u32 $0, $2, z; add.u32 $1, $3, z; }", "=r,=r,r,r,r,r,r,r", [rows, barrier_id, TURN_THREADS],
-            dtype=gl.float32, is_pure=False, pack=2)
+            "min.u32 z, z, $4; sub.u32 z, z, $4; add.u32 $0, $2, z; add.u32 $1, $3, z; }", "=r,=r,r,r,r,r,r,r",
+            [rows, barrier_id, TURN_THREADS], dtype=gl.float32, is_pure=False, pack=2)
     else:
         return gl.inline_asm_elementwise(
             "{ .reg .b32 id; or.b32 id, $2, $3; or.b32 id, id, 0xFFFFFFF0; min.u32 id, id, $4; bar.arrive id, $6; } "
