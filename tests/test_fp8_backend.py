@@ -515,8 +515,8 @@ from flashdispatch.backends.fp8_hopper import hopper
 
 NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
 fn = hopper.fp8_hopper_forward
-cases = [(128, False, 128, True), (64, True, 128, False), (256, True, 128, True), (128, True, 128, False),
-         (128, True, 192, True), (128, False, 192, False)]  # 192 keys: two tiles
+cases = [(128, False, 128, True), (64, True, 128, False), (64, False, 128, False), (256, True, 128, True),
+         (128, True, 128, False), (128, True, 192, True), (128, False, 192, False)]  # 192 keys: two tiles
 for head_dim, causal, keys, kv_block_scales in cases:
     tile_a, tile_b = hopper.step_tiles(keys)
     q = torch.empty(2, 4, 256, head_dim, dtype=torch.float8_e4m3fn)

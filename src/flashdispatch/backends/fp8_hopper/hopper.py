@@ -99,7 +99,7 @@ FREE_THREADS = gl.constexpr(32 * (NUM_WARPS + 4 + 1))  # both consumer warpgroup
 # (`_q_free`; so STAGES is at most 3). With EXP_TURNS, consumer ME's turn at the exponentials is
 # id TURN_ID + ME (so STAGES is at most 2 there).
 TURN_ID = gl.constexpr(FREE_ID + 5)
-TURN_THREADS = gl.constexpr(32 * 8)  # both consumer warpgroups
+TURN_THREADS = gl.constexpr(32 * (NUM_WARPS + 4))  # both consumer warpgroups
 
 
 @gluon.jit
@@ -146,9 +146,10 @@ def _turn_barrier(rows, barrier_id, SYNC: gl.constexpr):
     for SYNC, before any that uses the result. Returns `rows` as they are.
 
     ptxas moves barriers across arithmetic, which has no dependency on them. So the id is
-    computed from `rows` (min(id, bits | 0xFFFFFFF0) is id, which ptxas cannot fold), and after a
-    bar.sync the result takes a zero made the same way from a shared-memory load at address 0 (which
-    ptxas keeps below the barrier)."""
+    computed from `rows` (min(id, bits | 0xFFFFFFF0) is id, which the ptxas of Triton 3.6 does not
+    fold; the sm90 test checks the SASS), and after a bar.sync the result takes a zero made the same
+    way from a shared-memory load at address 0 (which ptxas keeps below the barrier; the CTA's first
+    1 KB, which nothing here writes)."""
     if SYNC:
         return gl.inline_asm_elementwise(
             "{ .reg .b32 id, z; or.b32 id, $2, $3; or.b32 id, id, 0xFFFFFFF0; min.u32 id, id, $4; "
