@@ -1,6 +1,6 @@
 """The Gluon FP8 forward on pre-arranged e4m3 inputs (H100/H200):
 TFLOP/s of `fp8_hopper.hopper.forward` at each combination of --stages, --fma-shares, --persistent,
---step-keys, --kv-block-descales and --exp-turns (the kernel's settings; a setting the kernel
+--step-keys, --kv-block-descales, --exp-turns and --lane-sums (the kernel's settings; a setting the kernel
 cannot launch, too much shared memory, says so), beside the portable Triton kernel
 through attention() on the same inputs and cuDNN's bf16. Run from the repository root with
 PYTHONPATH=src:scripts; one line per case starting with `sweep:`."""
@@ -49,12 +49,15 @@ def main() -> None:
     parser.add_argument("--exp-turns", default="",
                         help="comma-separated 0 (consumers free-running) or 1 (taking turns at the exponentials); "
                         "default the kernel's")
+    parser.add_argument("--lane-sums", default="",
+                        help="comma-separated 0 or 1 (hopper.LANE_SUMS: row sums per lane, with the turns); default "
+                        "the kernel's")
     parser.add_argument("--head-dims", default="128,64")
     args = parser.parse_args()
     # -1: the kernel's own setting at the head dim
     settings = list(itertools.product(*([int(x) for x in arg.split(",")] for arg in (
         args.stages, args.fma_shares or "-1", args.persistent, args.step_keys or "0", args.kv_block_descales,
-        args.exp_turns or "-1"))))
+        args.exp_turns or "-1", args.lane_sums or "-1"))))
     head_dims = tuple(int(x) for x in args.head_dims.split(","))
     for d, n, causal, q, k, v, flops in prefill_cases(head_dims=head_dims, lengths=(4096, 16384)):
         q8, k8, v8 = (t.to(FP8) for t in (q, k, v))
@@ -64,14 +67,15 @@ def main() -> None:
         vt = vt.as_strided((*vt.shape[:3], -(-n // 16) * 16), vt.stride())
         baseline = None  # the first setting's (out, lse): a sanity check of the others
         defaults = (hopper.STAGES, dict(hopper.FMA_SHARE), hopper.PERSISTENT, dict(hopper.STEP_KEYS),
-                    dict(hopper.CAUSAL_STEP_KEYS), dict(hopper.EXP_TURNS))
+                    dict(hopper.CAUSAL_STEP_KEYS), dict(hopper.EXP_TURNS), dict(hopper.LANE_SUMS))
         failures, checks, timed = [], {}, {}  # timed: name -> a call that sets its setting, then runs
-        for stages, fma_share, persistent, keys, kv_blocks, turns in settings:
+        for stages, fma_share, persistent, keys, kv_blocks, turns, lanes in settings:
             def gluon(stages=stages, fma_share=fma_share, persistent=persistent, keys=keys, kv_blocks=kv_blocks,
-                      turns=turns):
+                      turns=turns, lanes=lanes):
                 hopper.STAGES = stages
                 hopper.FMA_SHARE = {**defaults[1], d: defaults[1][d] if fma_share < 0 else fma_share}
                 hopper.EXP_TURNS = {**defaults[5], d: defaults[5][d] if turns < 0 else bool(turns)}
+                hopper.LANE_SUMS = {**defaults[6], d: defaults[6][d] if lanes < 0 else bool(lanes)}
                 hopper.PERSISTENT = defaults[2] if persistent else ()
                 hopper.STEP_KEYS = {**defaults[3], d: keys or defaults[3][d]}
                 hopper.CAUSAL_STEP_KEYS = {**defaults[4], d: keys or defaults[4][d]}
@@ -82,7 +86,8 @@ def main() -> None:
             result = gluon()
             name = (f"gluon[{hopper.step_keys(d, causal)} keys, {hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE[d]}"
                     f"{', persistent' if d in hopper.PERSISTENT and not causal else ''}"
-                    f"{', K/V descales per step' if kv_blocks else ''}{', exp turns' if hopper.EXP_TURNS[d] else ''}]")
+                    f"{', K/V descales per step' if kv_blocks else ''}{', exp turns' if hopper.EXP_TURNS[d] else ''}"
+                    f"{', sums per lane' if hopper.LANE_SUMS[d] else ''}]")
             if result is None:
                 why = hopper._failure or "TMA cannot address the tensors"
                 failures.append(f"{name} fails ({why.splitlines()[0]})")
@@ -113,7 +118,7 @@ def main() -> None:
         # In turns (`median_times`): the H100's clock drifts under this load, and all settings see it alike.
         seconds = median_times(list(timed.values()), "cuda", repeats=REPEATS, warm_seconds=WARM_SECONDS)
         (hopper.STAGES, hopper.FMA_SHARE, hopper.PERSISTENT, hopper.STEP_KEYS, hopper.CAUSAL_STEP_KEYS,
-         hopper.EXP_TURNS) = defaults
+         hopper.EXP_TURNS, hopper.LANE_SUMS) = defaults
         rates = [f"{name} {flops / t / 1e12:.0f}" + (f" ({checks[name]})" if name in checks else "")
                  for name, t in zip(timed, seconds)] + failures
         print(f"sweep: D={d} N={n} causal={causal}: " + ", ".join(rates) + " TFLOP/s", flush=True)

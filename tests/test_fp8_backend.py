@@ -515,9 +515,11 @@ from flashdispatch.backends.fp8_hopper import hopper
 
 NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
 fn = hopper.fp8_hopper_forward
-cases = [(128, False, 128, True), (64, True, 128, False), (64, False, 128, False), (256, True, 128, True),
-         (128, True, 128, False), (128, True, 192, True), (128, False, 192, False)]  # 192 keys: two tiles
-for head_dim, causal, keys, kv_block_scales in cases:
+# (head dim, causal, keys a step (192: two tiles), descales per key step, row sums per lane)
+cases = [(128, False, 128, True, False), (64, True, 128, False, False), (64, False, 128, False, False),
+         (256, True, 128, True, False), (128, True, 128, False, False), (128, True, 192, True, False),
+         (128, False, 192, False, False), (128, False, 128, False, True)]
+for head_dim, causal, keys, kv_block_scales, lane_sums in cases:
     tile_a, tile_b = hopper.step_tiles(keys)
     q = torch.empty(2, 4, 256, head_dim, dtype=torch.float8_e4m3fn)
     vt = torch.empty(2, 4, head_dim, 256, dtype=torch.float8_e4m3fn)
@@ -528,7 +530,8 @@ for head_dim, causal, keys, kv_block_scales in cases:
              "vtb_desc": hopper._descriptor(vt, [1, 1, head_dim, tile_b or tile_a])}
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper.BLOCK_M, BLOCK_N=keys,
                       STAGES=hopper.STAGES, FMA_SHARE=hopper.FMA_SHARE[head_dim], KV_BLOCK_SCALES=kv_block_scales,
-                      EXP_TURNS=hopper.EXP_TURNS[head_dim], PERSISTENT=head_dim in hopper.PERSISTENT and not causal)
+                      EXP_TURNS=hopper.EXP_TURNS[head_dim], LANE_SUMS=lane_sums and hopper.EXP_TURNS[head_dim],
+                      PERSISTENT=head_dim in hopper.PERSISTENT and not causal)
     types = {"Out": "*bf16", "Lse": "*fp32", "QDescale": "*fp32", "KDescale": "*fp32", "VDescale": "*fp32",
              "scale_log2": "fp32", **{name: mangle_type(d) for name, d in descs.items()}}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
@@ -537,7 +540,7 @@ for head_dim, causal, keys, kv_block_scales in cases:
     asm = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=hopper.NUM_WARPS, maxnreg=hopper.MAX_REGISTERS)).asm
     ptx = asm["ptx"]
-    case = (head_dim, causal, keys, kv_block_scales)
+    case = (head_dim, causal, keys, kv_block_scales, lane_sums)
     # A (batch, head)'s start in Out and Lse in 64 bits: B * H * N * D may pass 2^31.
     for name, dtype in (("Out", "bf16"), ("Lse", "f32")):
         assert re.search(rf"tt\.addptr %{name}, %\w+ : !tt\.ptr<{dtype}>, i64", asm["ttgir"]), (name, case)
@@ -562,13 +565,16 @@ for head_dim, causal, keys, kv_block_scales in cases:
             cubin.write(asm["cubin"])
             cubin.flush()
             sass = subprocess.run([NVDISASM, "-c", cubin.name], capture_output=True, text=True, check=True).stdout
-        exponentials, ends = 0, []  # ends: per run of exponentials, the turn barrier after it
+        exponentials, shuffles, ends = 0, 0, []  # ends: per run of exponentials, the turn barrier after it
         for line in sass.splitlines():
             turn = re.search(r"BAR\.(SYNC|ARV)\S* R\d+, 0x100", line)
             if turn:
                 ends.append((turn.group(1), exponentials))
-                exponentials = 0
+                # Row sums per lane: no shuffles between a turn's wait and its hand-over.
+                assert not (lane_sums and turn.group(1) == "ARV" and shuffles), (case, ends)
+                exponentials = shuffles = 0
             exponentials += "MUFU.EX2" in line
+            shuffles += "SHFL" in line
         runs = [end for end, count in ends if count]
         # 2 consumers, each at step 0 and in the loop
         assert runs == ["ARV"] * 4 and exponentials == 0, (case, ends)

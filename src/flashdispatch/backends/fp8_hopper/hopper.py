@@ -44,7 +44,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ..triton.hopper import _block_softmax, _exp2, _key_blocks, _row_reduce, _write_rows
+from ..triton.hopper import _block_softmax, _exp2, _key_blocks, _lane_partials, _row_reduce, _write_rows
 
 LOG2E = 1.4426950408889634
 P_SHIFT = gl.constexpr(8.0)  # the same 2^8 as kernel.P_SHIFT: small probabilities stay normal in e4m3
@@ -67,6 +67,10 @@ STAGES = 2
 # 1,084 at 16k), where the tensor cores, not MUFU, are the limit.
 EXP_TURNS = {64: True, 128: True, 256: False}
 FMA_SHARE = {64: 0, 128: 0, 256: 4}
+# Per head dim, with EXP_TURNS: the row sums are kept per lane (`_lane_partials`) and the 4 lanes
+# of a row add theirs once a tile, not every step, so a consumer hands its turn over without
+# waiting for two rounds of shuffles. Not yet measured.
+LANE_SUMS = {64: False, 128: False, 256: False}
 # Head dims with one program per SM, each taking tile after tile, not one program per tile (H100,
 # 2026-12-06, D = 128 non-causal: 792 against 762 TFLOP/s at 4k keys, 825 against 823 at 16k).
 # Not D = 256, whose loop spills with it (312 B at causal, sm_90a), and not causal: its tiles' work
@@ -337,12 +341,13 @@ def _masked(s, n0, rows, seqlen_k, shift, CAUSAL: gl.constexpr, layout: gl.const
 @gluon.jit
 def _step_softmax(s_a, s_b, row_max, row_sum, rows, n0, full_end, seqlen_k, shift, qk_scale, n, CAUSAL: gl.constexpr,
                   BLOCK_N: gl.constexpr, a_layout: gl.constexpr, b_layout: gl.constexpr, FMA_SHARE: gl.constexpr,
-                  EXP_TURNS: gl.constexpr, ME: gl.constexpr):
+                  EXP_TURNS: gl.constexpr, LANE_SUMS: gl.constexpr, ME: gl.constexpr):
     """The online softmax of the step at key n0 (`_block_softmax`, over both tiles where it has
-    two): P_a, P_b (float32, x 2^P_SHIFT), the new running max and sum, and O's factor. n: the
-    step's count in this program (EXP_TURNS: `_take_turn`)."""
+    two): P_a, P_b (float32, x 2^P_SHIFT), the new running max and sum (LANE_SUMS: per lane,
+    (ROWS, 4)), and O's factor. n: the step's count in this program (EXP_TURNS: `_take_turn`)."""
     TILE_A: gl.constexpr = _first_tile(BLOCK_N)
     TILE_B: gl.constexpr = BLOCK_N - TILE_A
+    gl.static_assert(not LANE_SUMS or EXP_TURNS, "LANE_SUMS: with EXP_TURNS")
     if TILE_B == 0 and not EXP_TURNS:
         p_a, row_max, row_sum, alpha = _block_softmax(s_a, row_max, row_sum, rows, n0, full_end, seqlen_k, shift,
                                                       qk_scale, CAUSAL, TILE_A, a_layout, P_SHIFT, True, FMA_SHARE)
@@ -367,9 +372,16 @@ def _step_softmax(s_a, s_b, row_max, row_sum, rows, n0, full_end, seqlen_k, shif
         p_b = gl.convert_layout(_exp2(s_b * qk_scale - gl.expand_dims(gl.convert_layout(base, b_rows), 1),
                                       FMA_SHARE), b_layout)
     alpha = gl.exp2(row_max - (base + P_SHIFT))
-    row_sum = row_sum * alpha + _row_reduce(p_a, False, True, a_rows)
-    if TILE_B > 0:
-        row_sum += gl.convert_layout(_row_reduce(p_b, False, True, b_rows), a_rows)
+    if LANE_SUMS:
+        lanes: gl.constexpr = row_sum.type.layout
+        row_sum = row_sum * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, lanes)), 1) + \
+            gl.convert_layout(_lane_partials(p_a, False), lanes)
+        if TILE_B > 0:
+            row_sum += gl.convert_layout(_lane_partials(p_b, False), lanes)
+    else:
+        row_sum = row_sum * alpha + _row_reduce(p_a, False, True, a_rows)
+        if TILE_B > 0:
+            row_sum += gl.convert_layout(_row_reduce(p_b, False, True, b_rows), a_rows)
     if EXP_TURNS:
         row_sum = _pass_turn(row_sum, ME)
     return p_a, p_b, new_max, row_sum, alpha
@@ -378,7 +390,8 @@ def _step_softmax(s_a, s_b, row_max, row_sum, rows, n0, full_end, seqlen_k, shif
 @gluon.jit
 def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr,
                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, ME: gl.constexpr):
+                  FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, LANE_SUMS: gl.constexpr,
+                  ME: gl.constexpr):
     """Compute warpgroup ME's part of tile t: rows ME * 64 .. ME * 64 + 63 of its row block, key
     steps of BLOCK_N (one or two score tiles: `step_tiles`). uses: key steps used by this program
     so far (the n-th in ring slot n % STAGES, phase (n // STAGES) & 1); queries: tiles whose Q was
@@ -416,6 +429,8 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
     rows = m0 + ME * ROWS + gl.arange(0, ROWS, layout=row_layout)
     row_max = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
     row_sum = gl.zeros([ROWS], gl.float32, layout=row_layout)
+    if LANE_SUMS:
+        row_sum = _lane_partials(zero_a, False)  # zeros, in the per-lane sums' layout
     o = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
     v_scale = 1.0
 
@@ -430,7 +445,7 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
         v_scale = gl.maximum(gl.load(v_descale), MIN_SCALE)
         p_a, p_b, row_max, row_sum, alpha = _step_softmax(s_a, s_b, row_max, row_sum, rows, 0, full_end, seqlen_k,
                                                           shift, qk_scale, uses, CAUSAL, BLOCK_N, a_layout, b_layout,
-                                                          FMA_SHARE, EXP_TURNS, ME)
+                                                          FMA_SHARE, EXP_TURNS, LANE_SUMS, ME)
 
         for j in range(1, num_blocks):
             # S_j = Q K_j^T and O += P_{j-1} V_{j-1}, both in flight at once.
@@ -454,7 +469,7 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
             # Softmax of step j under the running P V product.
             p_a, p_b, row_max, row_sum, alpha = _step_softmax(s_a, s_b, row_max, row_sum, rows, j * BLOCK_N,
                                                               full_end, seqlen_k, shift, qk_scale, n, CAUSAL, BLOCK_N,
-                                                              a_layout, b_layout, FMA_SHARE, EXP_TURNS, ME)
+                                                              a_layout, b_layout, FMA_SHARE, EXP_TURNS, LANE_SUMS, ME)
             # P's e4m3 registers cannot be named in deps (Triton 3.6: "Unexpected bitwidth in
             # WGMMAWaitGroupOp: 8"); the SASS shows ptxas keeps them until this wait.
             o = warpgroup_mma_wait(0, deps=(o,))
@@ -477,6 +492,8 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
     # int64 offsets: B * H * N * D may pass 2^31 elements (a head's N * D may not: the backend checks).
     b64 = b.to(gl.int64)
     h64 = h.to(gl.int64)
+    if LANE_SUMS:
+        row_sum = gl.convert_layout(gl.sum(row_sum, 1), row_layout)
     _write_rows(o, row_max, row_sum, v_scale, rows, m0 + ME * ROWS, seqlen_q, Out + b64 * stride_ob + h64 * stride_oh,
                 stride_om, Lse + b64 * stride_lb + h64 * stride_lh, P_SHIFT, HEAD_DIM, o_layout)
     return uses + num_blocks, queries + (num_blocks > 0).to(gl.int32)
@@ -485,17 +502,17 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
 @gluon.jit
 def _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-              KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, PERSISTENT: gl.constexpr, ME: gl.constexpr):
+              KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, LANE_SUMS: gl.constexpr, PERSISTENT: gl.constexpr, ME: gl.constexpr):
     """Compute warpgroup ME (0 or 1): the program's tile, or with PERSISTENT tile after tile."""
     if PERSISTENT:
         uses = 0
         queries = 0
         for t in range(gl.program_id(0), geometry[4], gl.num_programs(0)):
             uses, queries = _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM,
-                                          BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, ME)
+                                          BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, LANE_SUMS, ME)
     else:
         uses, queries = _compute_tile(gl.program_id(0), 0, 0, smem, bars, geometry, scales, outputs, CAUSAL,
-                                      HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, ME)
+                                      HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, LANE_SUMS, ME)
     if EXP_TURNS and ME == 0 and uses > 0:  # take consumer 1's last hand-over: no named barrier left part-way
         _named_sync(TURN_ID, TURN_THREADS)
 
@@ -503,17 +520,17 @@ def _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr
 @gluon.jit
 def _first_consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-                    KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, PERSISTENT: gl.constexpr):
+                    KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, LANE_SUMS: gl.constexpr, PERSISTENT: gl.constexpr):
     _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
-              KV_BLOCK_SCALES, EXP_TURNS, PERSISTENT, 0)
+              KV_BLOCK_SCALES, EXP_TURNS, LANE_SUMS, PERSISTENT, 0)
 
 
 @gluon.jit
 def _second_consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
-                     KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, PERSISTENT: gl.constexpr):
+                     KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, LANE_SUMS: gl.constexpr, PERSISTENT: gl.constexpr):
     _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
-              KV_BLOCK_SCALES, EXP_TURNS, PERSISTENT, 1)
+              KV_BLOCK_SCALES, EXP_TURNS, LANE_SUMS, PERSISTENT, 1)
 
 
 @gluon.jit
@@ -524,7 +541,7 @@ def fp8_hopper_forward(
     seqlen_q, seqlen_k, heads, group, q_scale_group, scale_log2, batch_heads,
     CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr,
-    PERSISTENT: gl.constexpr,
+    LANE_SUMS: gl.constexpr, PERSISTENT: gl.constexpr,
 ):
     """Grid: (programs,), each taking tiles (a row block of a (batch, query head)) program_id,
     program_id + programs, ... of the batch_heads x row blocks (`_tile`): as many programs as tiles,
@@ -563,9 +580,9 @@ def fp8_hopper_forward(
     outputs = (Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh)
     gl.warp_specialize([
         (_first_consumer, (descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                           FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, PERSISTENT)),
+                           FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, LANE_SUMS, PERSISTENT)),
         (_second_consumer, (descs, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                            FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, PERSISTENT)),
+                            FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, LANE_SUMS, PERSISTENT)),
         (_producer, (descs, smem, bars, geometry, CAUSAL, BLOCK_M, BLOCK_N, STAGES, PERSISTENT)),
     ], [4, 1], [240, 24])
 
@@ -659,7 +676,7 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
                seqlen_q, problem.seqlen_k, heads_q, problem.group_size, q_scale_group, problem.scale * LOG2E,
                batch * heads_q, CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=keys, STAGES=STAGES,
                FMA_SHARE=FMA_SHARE[d], KV_BLOCK_SCALES=descales[1].dim() == 3 or descales[2].dim() == 3,
-               EXP_TURNS=EXP_TURNS[d],
+               EXP_TURNS=EXP_TURNS[d], LANE_SUMS=LANE_SUMS[d],
                PERSISTENT=persistent, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
     except Exception as exc:  # noqa: BLE001 - fall back to the portable kernel, say so once
         if compile_only:

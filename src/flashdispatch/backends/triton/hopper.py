@@ -49,20 +49,28 @@ _failure: str | None = None
 
 
 @gluon.jit
+def _lane_partials(x, IS_MAX: gl.constexpr):
+    """max or sum of x (ROWS, BLOCK_N, in a wgmma accumulator layout) within each thread: (ROWS, 4),
+    column c for the columns 8i + 2c + j that lane c of a row's quad holds, paired up in
+    log2(BLOCK_N / 4) rounds of independent operations, where a plain reduction chains them one
+    after another."""
+    ROWS: gl.constexpr = x.shape[0]
+    BLOCK_N: gl.constexpr = x.shape[1]
+    x = x.reshape([ROWS, BLOCK_N // 8, 4, 2]).permute((0, 2, 1, 3)).reshape([ROWS, 4, BLOCK_N // 4])
+    width: gl.constexpr = BLOCK_N // 4
+    for _ in gl.static_range(width.bit_length() - 1):
+        a, b = x.reshape([ROWS, 4, x.shape[2] // 2, 2]).split()
+        x = gl.maximum(a, b) if IS_MAX else a + b
+    return x.reshape([ROWS, 4])
+
+
+@gluon.jit
 def _row_reduce(x, IS_MAX: gl.constexpr, TREE: gl.constexpr, layout: gl.constexpr):
     """max or sum over each row of x (ROWS, BLOCK_N), in `layout`. TREE (x in a wgmma accumulator
-    layout): a thread holds columns 8i + 2c + j (c = lane % 4) and pairs them up in
-    log2(BLOCK_N / 4) rounds of independent operations, where a plain reduction chains them one
-    after another; then the 4 lanes of a row combine theirs."""
+    layout): each thread's columns first (`_lane_partials`), then the 4 lanes of a row combine
+    theirs."""
     if TREE:
-        ROWS: gl.constexpr = x.shape[0]
-        BLOCK_N: gl.constexpr = x.shape[1]
-        x = x.reshape([ROWS, BLOCK_N // 8, 4, 2]).permute((0, 2, 1, 3)).reshape([ROWS, 4, BLOCK_N // 4])
-        width: gl.constexpr = BLOCK_N // 4
-        for _ in gl.static_range(width.bit_length() - 1):
-            a, b = x.reshape([ROWS, 4, x.shape[2] // 2, 2]).split()
-            x = gl.maximum(a, b) if IS_MAX else a + b
-        x = x.reshape([ROWS, 4])
+        x = _lane_partials(x, IS_MAX)
     return gl.convert_layout(gl.max(x, 1) if IS_MAX else gl.sum(x, 1), layout)
 
 
