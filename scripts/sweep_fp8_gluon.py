@@ -35,8 +35,6 @@ def _difference(result, baseline) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--fma-shares", default="",
-                        help="comma-separated hopper.FMA_SHARE values; default the kernel's at each head dim")
     parser.add_argument("--stages", default=str(hopper.STAGES), help="comma-separated hopper.STAGES values")
     parser.add_argument("--persistent", default="1",
                         help="comma-separated 0 (one program per tile) or 1 (one per SM at hopper.PERSISTENT's head dims)")
@@ -46,12 +44,10 @@ def main() -> None:
     parser.add_argument("--kv-block-descales", default="0",
                         help="comma-separated 0 (one K and V descale per head, as pre-quantized inputs have) or 1 (one "
                         "per key step, as quantized ones have: the kernel's general path), all ones either way")
-    parser.add_argument("--exp-turns", default="",
-                        help="comma-separated 0 (consumers free-running) or 1 (taking turns at the exponentials); "
-                        "default the kernel's")
-    parser.add_argument("--lane-sums", default="",
-                        help="comma-separated 0 or 1 (hopper.LANE_SUMS: row sums per lane, with the turns); default "
-                        "the kernel's")
+    for flag, values in (("--fma-shares", "hopper.FMA_SHARE values"),
+                         ("--exp-turns", "0 (consumers free-running) or 1 (taking turns at the exponentials)"),
+                         ("--lane-sums", "0 or 1 (hopper.LANE_SUMS: row sums per lane, with the turns)")):
+        parser.add_argument(flag, default="", help=f"comma-separated {values}; default the kernel's at each head dim")
     parser.add_argument("--head-dims", default="128,64")
     args = parser.parse_args()
     # -1: the kernel's own setting at the head dim
