@@ -516,9 +516,9 @@ from flashdispatch.backends.fp8_hopper import hopper
 NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
 fn = hopper.fp8_hopper_forward
 # (head dim, causal, keys a step (192: two tiles), descales per key step, row sums per lane)
-cases = [(128, False, 128, True, False), (64, True, 128, False, False), (64, False, 128, False, False),
-         (256, True, 128, True, False), (128, True, 128, False, False), (128, True, 192, True, False),
-         (128, False, 192, False, False), (128, False, 128, False, True)]
+cases = [(128, False, 128, True, True), (64, True, 128, False, True), (64, False, 128, False, True),
+         (256, True, 128, True, False), (128, True, 128, False, True), (128, True, 192, True, False),
+         (128, False, 192, False, False), (128, False, 128, False, False)]
 for head_dim, causal, keys, kv_block_scales, lane_sums in cases:
     tile_a, tile_b = hopper.step_tiles(keys)
     q = torch.empty(2, 4, 256, head_dim, dtype=torch.float8_e4m3fn)
@@ -565,16 +565,19 @@ for head_dim, causal, keys, kv_block_scales, lane_sums in cases:
             cubin.write(asm["cubin"])
             cubin.flush()
             sass = subprocess.run([NVDISASM, "-c", cubin.name], capture_output=True, text=True, check=True).stdout
-        exponentials, shuffles, ends = 0, 0, []  # ends: per run of exponentials, the turn barrier after it
+        exponentials, ends = 0, []  # ends: per run of exponentials, the turn barrier after it
+        shuffles = None  # shuffles since a turn's wait; None outside a turn (consumer 0's first step has no wait)
         for line in sass.splitlines():
             turn = re.search(r"BAR\.(SYNC|ARV)\S* R\d+, 0x100", line)
             if turn:
                 ends.append((turn.group(1), exponentials))
                 # Row sums per lane: no shuffles between a turn's wait and its hand-over.
                 assert not (lane_sums and turn.group(1) == "ARV" and shuffles), (case, ends)
-                exponentials = shuffles = 0
+                exponentials = 0
+                shuffles = 0 if turn.group(1) == "SYNC" else None
             exponentials += "MUFU.EX2" in line
-            shuffles += "SHFL" in line
+            if shuffles is not None:
+                shuffles += "SHFL" in line
         runs = [end for end, count in ends if count]
         # 2 consumers, each at step 0 and in the loop
         assert runs == ["ARV"] * 4 and exponentials == 0, (case, ends)

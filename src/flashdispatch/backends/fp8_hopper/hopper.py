@@ -69,8 +69,10 @@ EXP_TURNS = {64: True, 128: True, 256: False}
 FMA_SHARE = {64: 0, 128: 0, 256: 4}
 # Per head dim, with EXP_TURNS: the row sums are kept per lane (`_lane_partials`) and the 4 lanes
 # of a row add theirs once a tile, not every step, so a consumer hands its turn over without
-# waiting for two rounds of shuffles. Not yet measured.
-LANE_SUMS = {64: False, 128: False, 256: False}
+# waiting for two rounds of shuffles. H100, 2026-12-06 (`docs/data/fp8-sweep-lane-sums-persistent-h100-
+# 2026-12-06i.log`, TFLOP/s at 4k, 4k causal, 16k, 16k causal): D = 128 828 / 680 / 852 / 781
+# against 850 / 691 / 882 / 818 per lane; D = 64 496 / 426 / 523 / 507 against 518 / 445 / 550 / 530.
+LANE_SUMS = {64: True, 128: True, 256: False}
 # Head dims with one program per SM, each taking tile after tile, not one program per tile (H100,
 # 2026-12-06, D = 128 non-causal: 792 against 762 TFLOP/s at 4k keys, 825 against 823 at 16k).
 # Not D = 256, whose loop spills with it (312 B at causal, sm_90a), and not causal: its tiles' work
