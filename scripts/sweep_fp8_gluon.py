@@ -46,7 +46,7 @@ def main() -> None:
                         "per key step, as quantized ones have: the kernel's general path), all ones either way")
     for flag, values in (("--fma-shares", "hopper.FMA_SHARE values"),
                          ("--exp-turns", "0 (consumers free-running) or 1 (taking turns at the exponentials)"),
-                         ("--lane-sums", "0 or 1 (hopper.LANE_SUMS: row sums per lane, with the turns)")):
+                         ("--lane-sums", "0 or 1 (hopper.LANE_SUMS: row sums per lane)")):
         parser.add_argument(flag, default="", help=f"comma-separated {values}; default the kernel's at each head dim")
     parser.add_argument("--head-dims", default="128,64")
     args = parser.parse_args()

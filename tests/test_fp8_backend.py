@@ -517,7 +517,7 @@ NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", 
 fn = hopper.fp8_hopper_forward
 # (head dim, causal, keys a step (192: two tiles), descales per key step, row sums per lane)
 cases = [(128, False, 128, True, True), (64, True, 128, False, True), (64, False, 128, False, True),
-         (256, True, 128, True, False), (128, True, 128, False, True), (128, True, 192, True, False),
+         (256, True, 128, True, True), (128, True, 128, False, True), (128, True, 192, True, False),
          (128, False, 192, False, False), (128, False, 128, False, False)]
 for head_dim, causal, keys, kv_block_scales, lane_sums in cases:
     tile_a, tile_b = hopper.step_tiles(keys)
@@ -530,7 +530,7 @@ for head_dim, causal, keys, kv_block_scales, lane_sums in cases:
              "vtb_desc": hopper._descriptor(vt, [1, 1, head_dim, tile_b or tile_a])}
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper.BLOCK_M, BLOCK_N=keys,
                       STAGES=hopper.STAGES, FMA_SHARE=hopper.FMA_SHARE[head_dim], KV_BLOCK_SCALES=kv_block_scales,
-                      EXP_TURNS=hopper.EXP_TURNS[head_dim], LANE_SUMS=lane_sums and hopper.EXP_TURNS[head_dim],
+                      EXP_TURNS=hopper.EXP_TURNS[head_dim], LANE_SUMS=lane_sums,
                       PERSISTENT=head_dim in hopper.PERSISTENT and not causal)
     types = {"Out": "*bf16", "Lse": "*fp32", "QDescale": "*fp32", "KDescale": "*fp32", "VDescale": "*fp32",
              "scale_log2": "fp32", **{name: mangle_type(d) for name, d in descs.items()}}

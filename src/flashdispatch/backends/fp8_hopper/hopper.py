@@ -67,12 +67,14 @@ STAGES = 2
 # 1,084 at 16k), where the tensor cores, not MUFU, are the limit.
 EXP_TURNS = {64: True, 128: True, 256: False}
 FMA_SHARE = {64: 0, 128: 0, 256: 4}
-# Per head dim, with EXP_TURNS: the row sums are kept per lane (`_lane_partials`) and the 4 lanes
-# of a row add theirs once a tile, not every step, so a consumer hands its turn over without
-# waiting for two rounds of shuffles. H100, 2026-12-06 (`docs/data/fp8-sweep-lane-sums-persistent-h100-
-# 2026-12-06i.log`, TFLOP/s at 4k, 4k causal, 16k, 16k causal): D = 128 828 / 680 / 852 / 781
-# against 850 / 691 / 882 / 818 per lane; D = 64 496 / 426 / 523 / 507 against 518 / 445 / 550 / 530.
-LANE_SUMS = {64: True, 128: True, 256: False}
+# Per head dim: the row sums are kept per lane (`_lane_partials`) and the 4 lanes of a row add
+# theirs once a tile, not every step: two rounds of shuffles fewer a step, which with EXP_TURNS a
+# consumer's hand-over no longer waits for. H100, 2026-12-06, TFLOP/s at 4k, 4k causal, 16k, 16k
+# causal, per step against per lane (`docs/data/fp8-sweep-lane-sums-persistent-h100-2026-12-06i.log`,
+# `-d256-h100-2026-12-06o.log`): D = 128 828 / 680 / 852 / 781 against 850 / 691 / 882 / 818;
+# D = 64 496 / 426 / 523 / 507 against 518 / 445 / 550 / 530; D = 256 1,121 / 889 / 1,206 / 1,172
+# against 1,157 / 905 / 1,254 / 1,189.
+LANE_SUMS = {64: True, 128: True, 256: True}
 # Head dims with one program per SM, each taking tile after tile, not one program per tile (H100,
 # 2026-12-06, D = 128 non-causal: 792 against 762 TFLOP/s at 4k keys, 825 against 823 at 16k).
 # Not D = 256, whose loop spills with it (312 B at causal, sm_90a), and not causal: its tiles' work
@@ -349,8 +351,7 @@ def _step_softmax(s_a, s_b, row_max, row_sum, rows, n0, full_end, seqlen_k, shif
     (ROWS, 4)), and O's factor. n: the step's count in this program (EXP_TURNS: `_take_turn`)."""
     TILE_A: gl.constexpr = _first_tile(BLOCK_N)
     TILE_B: gl.constexpr = BLOCK_N - TILE_A
-    gl.static_assert(not LANE_SUMS or EXP_TURNS, "LANE_SUMS: with EXP_TURNS")
-    if TILE_B == 0 and not EXP_TURNS:
+    if TILE_B == 0 and not EXP_TURNS and not LANE_SUMS:
         p_a, row_max, row_sum, alpha = _block_softmax(s_a, row_max, row_sum, rows, n0, full_end, seqlen_k, shift,
                                                       qk_scale, CAUSAL, TILE_A, a_layout, P_SHIFT, True, FMA_SHARE)
         return p_a, s_b, row_max, row_sum, alpha
