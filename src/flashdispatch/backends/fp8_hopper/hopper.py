@@ -51,10 +51,12 @@ P_SHIFT = gl.constexpr(8.0)  # the same 2^8 as kernel.P_SHIFT: small probabiliti
 BLOCK_M = 128  # also the quantization block of Q
 # Keys a step, per head dim, without and with a causal mask: also the quantization block of K and
 # V. A power of two is one score tile; a sum of two (192 = 128 + 64) two tiles (`step_tiles`):
-# Triton's shapes are powers of two. 192 at D = 128 was slower on an H100 (2026-12-06,
-# `sweep_fp8_gluon.py`: 548 against 774 TFLOP/s at 4k keys non-causal, 614 against 686 causal),
-# so every head dim takes 128.
-STEP_KEYS = {64: 128, 128: 128, 256: 128}
+# Triton's shapes are powers of two. Two tiles carry P packed (`_carried`). H100, 2026-12-06
+# (`docs/data/fp8-sweep-pack192-*h100-2026-12-06{s,t}.log`), TFLOP/s at 4k, 4k causal, 16k, 16k
+# causal, 128 against 192 keys: D = 128 836 / 703 / 895 / 845 against 850 / 691 / 922 / 887;
+# D = 64 519 / 447 / 540 / 534 against 534 / 420 / 572 / 528. Causal keeps 128: its 4k loses.
+# D = 256's 192-key loop spills (its O takes 128 registers a thread).
+STEP_KEYS = {64: 192, 128: 192, 256: 128}
 CAUSAL_STEP_KEYS = {64: 128, 128: 128, 256: 128}
 STAGES = 2
 # Per head dim: the two consumers take turns at their exponentials (`_take_turn`), so that one's
@@ -263,18 +265,61 @@ def _producer(descs, smem, bars, geometry, CAUSAL: gl.constexpr, BLOCK_M: gl.con
         _named_sync(_q_free(STAGES), FREE_THREADS)
 
 
+# Rounds 4 float32 keys of a row ($1..$4) to e4m3 and packs them into one 32-bit register ($0).
+_E4M3X4 = gl.constexpr("{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; "
+                        "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; mov.b32 $0, {lo, hi}; }")
+
+
+@gluon.jit
+def _in_operand_order(p, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr):
+    """P (ROWS, BLOCK_N) float32 in the scores' accumulator layout, its columns renamed into the A
+    operand's order without moving data between threads. In each 16-key group a thread holds keys
+    2c, 2c+1, 8+2c and 9+2c (c = lane % 4), where the A operand wants 4c .. 4c+3: key 8a + 2c + j
+    is taken as operand column 4c + 2a + j (a register renaming), and V^T's columns come in that
+    same order (`quantize.permute_keys`)."""
+    p = p.reshape([ROWS, BLOCK_N // 16, 2, 4, 2]).permute((0, 1, 3, 2, 4)).reshape([ROWS, BLOCK_N])
+    return gl.convert_layout(p, p_layout)
+
+
 @gluon.jit
 def _as_operand(p, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr):
-    """P (ROWS, BLOCK_N) float32 in the scores' accumulator layout as the e4m3 A operand of P V,
-    without moving data between threads. In each 16-key group a thread holds keys 2c, 2c+1, 8+2c
-    and 9+2c (c = lane % 4), where the A operand wants 4c .. 4c+3: key 8a + 2c + j is taken as
-    operand column 4c + 2a + j (a register renaming), and V^T's columns come in that same order
-    (`quantize.permute_keys`). Then each 4 keys of a row are rounded and packed into one register."""
-    p = p.reshape([ROWS, BLOCK_N // 16, 2, 4, 2]).permute((0, 1, 3, 2, 4)).reshape([ROWS, BLOCK_N])
-    p = gl.convert_layout(p, p_layout)
-    return gl.inline_asm_elementwise(
-        "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; "
-        "mov.b32 $0, {lo, hi}; }", "=r,r,r,r,r", [p], dtype=gl.float8e4nv, is_pure=True, pack=4)
+    """P (ROWS, BLOCK_N) float32 as the e4m3 A operand of P V (`_in_operand_order`), each 4 keys of
+    a row rounded and packed into one register."""
+    p = _in_operand_order(p, ROWS, BLOCK_N, p_layout)
+    return gl.inline_asm_elementwise(_E4M3X4, "=r,r,r,r,r", [p], dtype=gl.float8e4nv, is_pure=True, pack=4)
+
+
+@gluon.jit
+def _packed(p, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr):
+    """P packed as `_as_operand` packs it, but as int32 (ROWS, BLOCK_N / 4), 4 keys a word: what a
+    loop can carry, where e4m3 values would cross it as separate bytes (`_unpacked` undoes it)."""
+    p = _in_operand_order(p, ROWS, BLOCK_N, p_layout)
+    x_even, x_odd = p.reshape([ROWS, BLOCK_N // 4, 2, 2]).split()  # keys 4i and 4i + 2, 4i + 1 and 4i + 3
+    x0, x2 = x_even.split()
+    x1, x3 = x_odd.split()
+    return gl.inline_asm_elementwise(_E4M3X4, "=r,r,r,r,r", [x0, x1, x2, x3], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _unpacked(x, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr):
+    """`_packed`'s int32 (ROWS, BLOCK_N / 4) as the e4m3 A operand (ROWS, BLOCK_N) in p_layout: each
+    word taken 4 times (the same register) and passed through as the 4 keys it holds."""
+    x4 = gl.join(gl.join(x, x), gl.join(x, x)).reshape([ROWS, BLOCK_N])
+    p = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r,r,r", [x4], dtype=gl.float8e4nv, is_pure=True, pack=4)
+    return gl.convert_layout(p, p_layout)
+
+
+@gluon.jit
+def _carried(p_a, p_b, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr):
+    """What the loop carries of a step's P to the next step's P V: float32 P (one tile: packed at
+    use, by `_operands`), or P packed now (two tiles: carried in float32 the loop spills, which
+    made 192-key steps 2.5x slower on an H100; packed, none)."""
+    TILE_A: gl.constexpr = _first_tile(BLOCK_N)
+    TILE_B: gl.constexpr = BLOCK_N - TILE_A
+    if TILE_B > 0:
+        p_a = _packed(p_a, ROWS, TILE_A, p_layout)
+        p_b = _packed(p_b, ROWS, TILE_B, p_layout)
+    return p_a, p_b
 
 
 @triton.constexpr_function
@@ -309,14 +354,17 @@ def _await_scores(s_a, s_b, PENDING: gl.constexpr, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _operands(p_a, p_b, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr):
-    """The step's P as e4m3 A operands of P V (`_as_operand`): tile A's and, where it has one, B's."""
+def _operands(carried_a, carried_b, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr):
+    """The step's P, as `_carried` kept it, as the e4m3 A operands of P V: tile A's and, where it
+    has one, B's."""
     TILE_A: gl.constexpr = _first_tile(BLOCK_N)
     TILE_B: gl.constexpr = BLOCK_N - TILE_A
-    op_a = _as_operand(p_a, ROWS, TILE_A, p_layout)
-    op_b = op_a
     if TILE_B > 0:
-        op_b = _as_operand(p_b, ROWS, TILE_B, p_layout)
+        op_a = _unpacked(carried_a, ROWS, TILE_A, p_layout)
+        op_b = _unpacked(carried_b, ROWS, TILE_B, p_layout)
+    else:
+        op_a = _as_operand(carried_a, ROWS, TILE_A, p_layout)
+        op_b = op_a
     return op_a, op_b
 
 
@@ -449,6 +497,7 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
         p_a, p_b, row_max, row_sum, alpha = _step_softmax(s_a, s_b, row_max, row_sum, rows, 0, full_end, seqlen_k,
                                                           shift, qk_scale, uses, CAUSAL, BLOCK_N, a_layout, b_layout,
                                                           FMA_SHARE, EXP_TURNS, LANE_SUMS, ME)
+        carried_a, carried_b = _carried(p_a, p_b, ROWS, BLOCK_N, p_layout)
 
         for j in range(1, num_blocks):
             # S_j = Q K_j^T and O += P_{j-1} V_{j-1}, both in flight at once.
@@ -463,7 +512,7 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
             mbarrier.wait(k_ready.index(slot), (n // STAGES) & 1)
             mbarrier.wait(v_ready.index(prev), ((n - 1) // STAGES) & 1)
             # P_{j-1} packed first: its float32 registers are free before S_j takes its own.
-            op_a, op_b = _operands(p_a, p_b, ROWS, BLOCK_N, p_layout)
+            op_a, op_b = _operands(carried_a, carried_b, ROWS, BLOCK_N, p_layout)
             s_a, s_b = _scores(q, k_smem, kb_smem, slot, zero_a, zero_b, HEAD_DIM, BLOCK_N)
             o = _products(o, op_a, op_b, vt_smem, vtb_smem, prev, HEAD_DIM, BLOCK_N)
             s_a, s_b = _await_scores(s_a, s_b, PENDING, BLOCK_N)
@@ -476,6 +525,7 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
             # P's e4m3 registers cannot be named in deps (Triton 3.6: "Unexpected bitwidth in
             # WGMMAWaitGroupOp: 8"); the SASS shows ptxas keeps them until this wait.
             o = warpgroup_mma_wait(0, deps=(o,))
+            carried_a, carried_b = _carried(p_a, p_b, ROWS, BLOCK_N, p_layout)
             _named_arrive(FREE_ID + STAGES + prev, FREE_THREADS)
             if KV_BLOCK_SCALES:  # O moves to step j's max and to step j's V descale in one multiply
                 o = o * gl.expand_dims(gl.convert_layout(alpha * (v_scale / next_v_scale), o_rows), 1)
@@ -487,7 +537,7 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
         # The last step's P V.
         last = uses + num_blocks - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        op_a, op_b = _operands(p_a, p_b, ROWS, BLOCK_N, p_layout)
+        op_a, op_b = _operands(carried_a, carried_b, ROWS, BLOCK_N, p_layout)
         o = _products(o, op_a, op_b, vt_smem, vtb_smem, last % STAGES, HEAD_DIM, BLOCK_N)
         o = warpgroup_mma_wait(0, deps=(o,))
         _named_arrive(FREE_ID + STAGES + last % STAGES, FREE_THREADS)
