@@ -307,14 +307,16 @@ def main() -> int:
     parser.add_argument("--card", default="H100", help="--part plot: the GPU the log was measured on, for the title")
     parser.add_argument("--head-dims", default="64,128,256", help="--part speed: head dims, comma-separated")
     parser.add_argument("--lengths", default="1024,4096,16384", help="--part speed: sequence lengths")
-    parser.add_argument("--step-keys", type=int, help="the Gluon kernel's keys a step at D = 128, causal or not "
-                        "(hopper.STEP_KEYS, hopper.CAUSAL_STEP_KEYS), for every part: 192 for steps of two score tiles")
+    parser.add_argument("--step-keys", type=int, help="the Gluon kernel's keys a step at D = 128, causal or not, "
+                        "pre-quantized or not (hopper.STEP_KEYS, CAUSAL_STEP_KEYS, QUANTIZED_STEP_KEYS), for every "
+                        "part: 192 for steps of two score tiles")
     args = parser.parse_args()
     from flashdispatch.backends.fp8_hopper import hopper
 
     if args.step_keys:
         hopper.STEP_KEYS = {**hopper.STEP_KEYS, 128: args.step_keys}
         hopper.CAUSAL_STEP_KEYS = {**hopper.CAUSAL_STEP_KEYS, 128: args.step_keys}
+        hopper.QUANTIZED_STEP_KEYS = {**hopper.QUANTIZED_STEP_KEYS, 128: args.step_keys}
     if args.part == "plot":
         return plot(args.log, args.out, args.card)
     if args.part == "speed":

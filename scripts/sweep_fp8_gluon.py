@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--persistent", default="1",
                         help="comma-separated 0 (one program per tile) or 1 (one per SM at hopper.PERSISTENT's head dims)")
     parser.add_argument("--step-keys", default="",
-                        help="comma-separated keys a step, causal or not (hopper.STEP_KEYS, hopper.CAUSAL_STEP_KEYS; 192: "
+                        help="comma-separated keys a step, causal or not, descales per head or per step (hopper.STEP_KEYS, "
+                        "CAUSAL_STEP_KEYS, QUANTIZED_STEP_KEYS; 192: "
                         "two score tiles); default the kernel's")
     parser.add_argument("--kv-block-descales", default="0",
                         help="comma-separated 0 (one K and V descale per head, as pre-quantized inputs have) or 1 (one "
@@ -63,7 +64,8 @@ def main() -> None:
         vt = vt.as_strided((*vt.shape[:3], -(-n // 16) * 16), vt.stride())
         baseline = None  # the first setting's (out, lse): a sanity check of the others
         defaults = (hopper.STAGES, dict(hopper.FMA_SHARE), hopper.PERSISTENT, dict(hopper.STEP_KEYS),
-                    dict(hopper.CAUSAL_STEP_KEYS), dict(hopper.EXP_TURNS), dict(hopper.LANE_SUMS))
+                    dict(hopper.CAUSAL_STEP_KEYS), dict(hopper.EXP_TURNS), dict(hopper.LANE_SUMS),
+                    dict(hopper.QUANTIZED_STEP_KEYS))
         failures, checks, timed = [], {}, {}  # timed: name -> a call that sets its setting, then runs
         for stages, fma_share, persistent, keys, kv_blocks, turns, lanes in settings:
             def gluon(stages=stages, fma_share=fma_share, persistent=persistent, keys=keys, kv_blocks=kv_blocks,
@@ -75,12 +77,14 @@ def main() -> None:
                 hopper.PERSISTENT = defaults[2] if persistent else ()
                 hopper.STEP_KEYS = {**defaults[3], d: keys or defaults[3][d]}
                 hopper.CAUSAL_STEP_KEYS = {**defaults[4], d: keys or defaults[4][d]}
-                steps = -(-n // hopper.step_keys(d, causal))
+                hopper.QUANTIZED_STEP_KEYS = {**defaults[7], d: keys or defaults[7][d]}
+                steps = -(-n // hopper.step_keys(d, causal, bool(kv_blocks)))
                 descales = (ones, *(ones[:, :, None].expand(*ones.shape, steps) if kv_blocks else ones
                                     for _ in range(2)))
                 return hopper.forward(q8, k8, vt, descales, 1, torch.bfloat16, problem)
             result = gluon()
-            name = (f"gluon[{hopper.step_keys(d, causal)} keys, {hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE[d]}"
+            keys_now = hopper.step_keys(d, causal, bool(kv_blocks))
+            name = (f"gluon[{keys_now} keys, {hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE[d]}"
                     f"{', persistent' if d in hopper.PERSISTENT and not causal else ''}"
                     f"{', K/V descales per step' if kv_blocks else ''}{', exp turns' if hopper.EXP_TURNS[d] else ''}"
                     f"{', sums per lane' if hopper.LANE_SUMS[d] else ''}]")
@@ -114,7 +118,7 @@ def main() -> None:
         # In turns (`median_times`): the H100's clock drifts under this load, and all settings see it alike.
         seconds = median_times(list(timed.values()), "cuda", repeats=REPEATS, warm_seconds=WARM_SECONDS)
         (hopper.STAGES, hopper.FMA_SHARE, hopper.PERSISTENT, hopper.STEP_KEYS, hopper.CAUSAL_STEP_KEYS,
-         hopper.EXP_TURNS, hopper.LANE_SUMS) = defaults
+         hopper.EXP_TURNS, hopper.LANE_SUMS, hopper.QUANTIZED_STEP_KEYS) = defaults
         rates = [f"{name} {flops / t / 1e12:.0f}" + (f" ({checks[name]})" if name in checks else "")
                  for name, t in zip(timed, seconds)] + failures
         print(f"sweep: D={d} N={n} causal={causal}: " + ", ".join(rates) + " TFLOP/s", flush=True)

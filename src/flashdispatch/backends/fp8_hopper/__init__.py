@@ -234,7 +234,7 @@ def hopper_tile(head_dim: int, causal: bool) -> tuple[int, int]:
     blocks."""
     from . import hopper
 
-    return hopper.BLOCK_M, hopper.step_keys(head_dim, causal)
+    return hopper.BLOCK_M, hopper.step_keys(head_dim, causal, per_block_descales=True)
 
 
 class KernelLayoutV(torch.Tensor):

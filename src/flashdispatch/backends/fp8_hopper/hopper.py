@@ -58,6 +58,11 @@ BLOCK_M = 128  # also the quantization block of Q
 # D = 256's 192-key loop spills (its O takes 128 registers a thread).
 STEP_KEYS = {64: 192, 128: 192, 256: 128}
 CAUSAL_STEP_KEYS = {64: 128, 128: 128, 256: 128}
+# Keys a step where K and V come with a descale per key block, quantized by the backend in blocks
+# of this many keys: 128, since the quantization pass is 2.8-3.8x slower in blocks of 192 (tiles of
+# 256 rows; H100, 2026-12-06, D = 128, `fp8-quantize-192-rows-h100-2026-12-06w.log`), which cost
+# more than the 192-key steps gain (from bf16 at 4k non-causal: 513 against 645 TFLOP/s).
+QUANTIZED_STEP_KEYS = {64: 128, 128: 128, 256: 128}
 STAGES = 2
 # Per head dim: the two consumers take turns at their exponentials (`_take_turn`), so that one's
 # run on the special-function unit (MUFU) while the other's matmuls and row statistics run, where
@@ -689,9 +694,11 @@ def _block_strides(descale: torch.Tensor) -> tuple[int, int, int]:
     return (*descale.stride()[:2], descale.stride(2) if descale.dim() == 3 else 0)
 
 
-def step_keys(head_dim: int, causal: bool) -> int:
-    """Keys a step of the kernel at head dim `head_dim`, with a causal mask or not: also K's and
-    V's quantization block."""
+def step_keys(head_dim: int, causal: bool, per_block_descales: bool) -> int:
+    """Keys a step of the kernel at head dim `head_dim`, with a causal mask or not, for K and V with
+    one descale a head or (per_block_descales) one a key block: then also the block."""
+    if per_block_descales:
+        return QUANTIZED_STEP_KEYS[head_dim]
     return (CAUSAL_STEP_KEYS if causal else STEP_KEYS)[head_dim]
 
 
@@ -705,9 +712,10 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
     N_pad) with its keys in `quantize.permute_keys`'s order and zero padding, or None where TMA
     cannot address them; compile_only: the compiled kernel, not run.
     descales: float32 (q, k, v), each (B, H, blocks) (one per row block of BLOCK_M or key step of
-    `step_keys(D, causal)`) or (B, H) (one per head); q's head index is h // q_scale_group."""
+    `step_keys(D, causal, True)`) or (B, H) (one per head); q's head index is h // q_scale_group."""
     d = problem.head_dim
-    keys = step_keys(d, problem.causal)
+    kv_block_scales = descales[1].dim() == 3 or descales[2].dim() == 3
+    keys = step_keys(d, problem.causal, kv_block_scales)
     tile_a, tile_b = step_tiles(keys)
     tile_b = tile_b or tile_a  # one tile: descriptors B are A's again, unused
     descriptors = (_descriptor(q8, [1, 1, BLOCK_M, d]), _descriptor(k8, [1, 1, tile_a, d]),
@@ -728,7 +736,7 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
                *(s for descale in descales for s in _block_strides(descale)),
                seqlen_q, problem.seqlen_k, heads_q, problem.group_size, q_scale_group, problem.scale * LOG2E,
                batch * heads_q, CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=keys, STAGES=STAGES,
-               FMA_SHARE=FMA_SHARE[d], KV_BLOCK_SCALES=descales[1].dim() == 3 or descales[2].dim() == 3,
+               FMA_SHARE=FMA_SHARE[d], KV_BLOCK_SCALES=kv_block_scales,
                EXP_TURNS=EXP_TURNS[d], LANE_SUMS=LANE_SUMS[d],
                PERSISTENT=persistent, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
     except Exception as exc:  # noqa: BLE001 - fall back to the portable kernel, say so once
