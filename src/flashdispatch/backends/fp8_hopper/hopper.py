@@ -59,9 +59,9 @@ BLOCK_M = 128  # also the quantization block of Q
 STEP_KEYS = {64: 192, 128: 192, 256: 128}
 CAUSAL_STEP_KEYS = {64: 128, 128: 128, 256: 128}
 # Keys a step where K and V come with a descale per key block, quantized by the backend in blocks
-# of this many keys: 128, since the quantization pass is 2.8-3.8x slower in blocks of 192 (tiles of
-# 256 rows; H100, 2026-12-06, D = 128, `fp8-quantize-192-rows-h100-2026-12-06w.log`), which cost
-# more than the 192-key steps gain (from bf16 at 4k non-causal: 513 against 645 TFLOP/s).
+# of this many keys: 128. The quantization pass is slower in blocks of 192 (tiles of 256 rows;
+# H100, 2026-12-06, D = 128, rotated / transposed: 240 / 200 us against 165 / 129 at 128 rows,
+# `fp8-quantize-reciprocal-192-rows-h100-2026-12-06z.log`), about what 192-key steps gain at 4k.
 QUANTIZED_STEP_KEYS = {64: 128, 128: 128, 256: 128}
 STAGES = 2
 # Per head dim: the two consumers take turns at their exponentials (`_take_turn`), so that one's

@@ -15,11 +15,14 @@ Quantization. Per (batch, head) and per block of `block_rows` consecutive rows (
 kernel's tile), with y the (rotated) block in float32:
 
     scale = amax(|y|) / 448      (448: e4m3fn's largest finite value)
-    y8    = e4m3(clamp(y / scale, -448, 448))      round to nearest, ties to even
+    y8    = e4m3(clamp(y x (1 / scale), -448, 448))      round to nearest, ties to even
 
 and y ~= float(y8) * scale: the scale is returned as the descale, float32 (B, H, blocks). A block
 with scale 0 (all zeros, or too small for amax / 448 to be a normal float32) gets scale 1.0 so
 that the descale stays finite and positive; its entries round to 0 (or to e4m3's subnormals).
+1 / scale is rounded to float32 once a block, and each entry multiplied by it: a division per
+entry cost the kernel more than its memory traffic. A subnormal scale, whose reciprocal would
+overflow, divides instead.
 Rounding to e4m3 keeps 3 mantissa bits: a relative error of at most 2^-4 for |y / scale| >= 2^-6,
 an absolute one of at most 2^-10 * scale below (e4m3's subnormal steps of 2^-9). Inputs must be
 finite: an inf or NaN makes the whole block's scale inf or NaN.
@@ -185,10 +188,13 @@ def quantize_reference(x, block_rows: int, signs=None, transpose: bool = False, 
     # Divided by a tensor on amax's device: PyTorch's CUDA division by a Python number multiplies
     # by its reciprocal, which is off by an ulp now and then (and then so are the fp8 bytes).
     scale = amax / amax.new_tensor(FP8_MAX)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))[..., None, None]
+    normal = scale >= torch.finfo(torch.float32).tiny
+    y = torch.where(normal, tiles * (torch.ones_like(scale) / scale), tiles / scale)
     # torch's float8 conversion rounds to nearest even but turns values beyond 448 into NaN:
-    # clamp first (y / scale can pass 448 by a float32 rounding at the block's maximum).
-    y8 = (tiles / scale[..., None, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    # clamp first (y x (1 / scale) can pass 448 by a float32 rounding at the block's maximum).
+    y8 = y.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    scale = scale[..., 0, 0]
     y8 = y8.view(batch, heads, blocks * block_rows, head_dim)[:, :, :seqlen]
     if transpose:
         out = torch.zeros(batch, heads, head_dim, padded_length(seqlen), dtype=FP8, device=x.device)
@@ -225,13 +231,17 @@ if triton is not None:
     def _store_e4m3(out, row0, rows, cols, y, scale, out_rows, SCALE: tl.constexpr, ROUND: tl.constexpr,
                     TRANSPOSE: tl.constexpr, KEY_ORDER: tl.constexpr, HEAD_DIM: tl.constexpr,
                     SCALE_ROWS: tl.constexpr):
-        """y / scale in e4m3 (y's bytes as they are without SCALE) into rows row0 + rows and
+        """y x (1 / scale) in e4m3 (y's bytes as they are without SCALE) into rows row0 + rows and
         columns `cols` of one (batch, head)'s output: (out_rows, HEAD_DIM) row-major, or with
         TRANSPOSE (HEAD_DIM, out_rows), with KEY_ORDER its rows in `permute_keys`'s order. Rows >=
         out_rows are not written, nor the tile's rows from SCALE_ROWS on (the next block's)."""
         if SCALE:
             # div_rn: IEEE division, as PyTorch's; Triton's `/` is an approximate one on the GPU.
-            y = tl.clamp(tl.math.div_rn(y, scale), -448.0, 448.0)
+            if scale >= 1.1754943508222875e-38:  # float32's smallest normal: 1 / scale is finite
+                y = y * tl.math.div_rn(1.0, scale)
+            else:
+                y = tl.math.div_rn(y, scale)
+            y = tl.clamp(y, -448.0, 448.0)
             if ROUND:
                 y = _round_to_e4m3(y)
             y8 = y.to(tl.float8e4nv)
@@ -345,11 +355,13 @@ def _split(head_dim: int, rotate: bool) -> bool:
 
 
 def _num_warps(head_dim: int, block_rows: int) -> int:
-    # Enough warps that the float32 tile takes about 64 registers a thread (8 KiB a warp), 4 to 16.
-    # On an H100 (docs/data/fp8-quantize-h100-2026-12-05.log, 128-row blocks) this was the fastest
-    # of 4, 8 and 16 for the rotation at every D, and within 3% for the other passes.
+    # Enough warps that the float32 tile takes about 64 registers a thread (8 KiB a warp), 4 to 8.
+    # On an H100, 128-row blocks (docs/data/fp8-quantize-reciprocal-h100-2026-12-06z.log, the
+    # pass multiplying by 1 / scale): D = 64 rotated 70 us at 4 warps, 77 at 8; D = 256 rotated
+    # 499 at 8, 508 at 16, transposed 285 at 8, 371 at 16 (16 had been the fastest while the pass
+    # divided each entry).
     tile_rows = 1 << (block_rows - 1).bit_length()  # the kernel's tile: the power of two at or above
-    return min(16, max(4, tile_rows * head_dim // 2048))
+    return min(8, max(4, tile_rows * head_dim // 2048))
 
 
 def head_dim_addressable(x: torch.Tensor) -> torch.Tensor:
