@@ -95,7 +95,7 @@ def _kernel_note(problem: Problem) -> str:
 
 def quantization_blocks(problem: Problem) -> tuple[int, int]:
     """(query rows, keys) per quantization block: the tile of the kernel that will run."""
-    return hopper_tile(problem.head_dim, problem.causal) if _warp_specialized(problem) else tiles(problem.head_dim, problem.causal)[:2]
+    return hopper_tile(problem.head_dim) if _warp_specialized(problem) else tiles(problem.head_dim, problem.causal)[:2]
 
 
 log = logging.getLogger("flashdispatch")
@@ -188,7 +188,7 @@ def _run(q, k, v, descales, v_in_kernel_layout, problem, warp_specialized):
     else:
         from .quantize import quantize
 
-        rows, keys = (hopper_tile(problem.head_dim, problem.causal) if warp_specialized else tiles(problem.head_dim, problem.causal)[:2])
+        rows, keys = (hopper_tile(problem.head_dim) if warp_specialized else tiles(problem.head_dim, problem.causal)[:2])
         signs = _rotation_signs(problem.head_dim, q.device)
         out_dtype = q.dtype
         q8, q_scales = quantize(q, rows, signs)
@@ -229,12 +229,13 @@ def _log_once(message: str) -> None:
         log.warning(message)
 
 
-def hopper_tile(head_dim: int, causal: bool) -> tuple[int, int]:
-    """(query rows, keys a step) of the Gluon kernel at `head_dim`, causal or not: its quantization
-    blocks."""
+def hopper_tile(head_dim: int) -> tuple[int, int]:
+    """The blocks the backend quantizes Q and K, V in for the Gluon kernel at `head_dim`: (query
+    rows, keys), its tile for inputs with a descale per block. Pre-quantized inputs, one descale
+    a head, may take longer key steps (`hopper.STEP_KEYS`)."""
     from . import hopper
 
-    return hopper.BLOCK_M, hopper.step_keys(head_dim, causal, per_block_descales=True)
+    return hopper.BLOCK_M, hopper.step_keys(head_dim, False, per_block_descales=True)
 
 
 class KernelLayoutV(torch.Tensor):

@@ -15,7 +15,8 @@ barriers. docs/notes/fp8.md has the measurements.
 Operands. Q (B, Hq, Nq, D), K (B, Hkv, Nk, D) and V^T (B, Hkv, D, N_pad) in e4m3, through TMA
 descriptors; FP8 wgmma reads both operands K-major, so V arrives transposed and V_j^T's (D,
 BLOCK_N) tile is the B operand of P V as it lies, its keys in `quantize.permute_keys`'s order.
-P goes from registers: 4 keys of a row to a register, rounded and packed by `_as_operand`.
+P goes from registers: 4 keys of a row to a register, rounded and packed by `_as_operand` (one
+score tile a step) or by `_packed` and carried packed to the next step (two tiles: `_carried`).
 
 Scales. q_descale per (batch, head, row block), k_descale and v_descale per (batch, KV head, key
 block): block stride 0 for pre-quantized inputs' (B, Hkv) descales. Per key block j:
@@ -49,8 +50,8 @@ from ..triton.hopper import _block_softmax, _exp2, _key_blocks, _lane_partials, 
 LOG2E = 1.4426950408889634
 P_SHIFT = gl.constexpr(8.0)  # the same 2^8 as kernel.P_SHIFT: small probabilities stay normal in e4m3
 BLOCK_M = 128  # also the quantization block of Q
-# Keys a step, per head dim, without and with a causal mask: also the quantization block of K and
-# V. A power of two is one score tile; a sum of two (192 = 128 + 64) two tiles (`step_tiles`):
+# Keys a step, per head dim, without and with a causal mask, for pre-quantized K and V (one
+# descale a head; `QUANTIZED_STEP_KEYS` below for K and V that the backend quantizes). A power of two is one score tile; a sum of two (192 = 128 + 64) two tiles (`step_tiles`):
 # Triton's shapes are powers of two. Two tiles carry P packed (`_carried`). H100, 2026-12-06
 # (`docs/data/fp8-sweep-pack192-*h100-2026-12-06{s,t}.log`), TFLOP/s at 4k, 4k causal, 16k, 16k
 # causal, 128 against 192 keys: D = 128 836 / 703 / 895 / 845 against 850 / 691 / 922 / 887;
@@ -61,7 +62,10 @@ CAUSAL_STEP_KEYS = {64: 128, 128: 128, 256: 128}
 # Keys a step where K and V come with a descale per key block, quantized by the backend in blocks
 # of this many keys: 128. The quantization pass is slower in blocks of 192 (tiles of 256 rows;
 # H100, 2026-12-06, D = 128, rotated / transposed: 240 / 200 us against 165 / 129 at 128 rows,
-# `fp8-quantize-reciprocal-192-rows-h100-2026-12-06z.log`), about what 192-key steps gain at 4k.
+# bf16 (4, 32, 8192), `fp8-quantize-reciprocal-192-rows-h100-2026-12-06z.log`): about 37 us more a
+# 4k call, where 192-key steps with per-step descales gain 11-16 us (778 -> 796 TFLOP/s, the
+# `-06x` and `-06w` speed logs' sweeps). At 16k they gain about 138 us (816 -> 860): not yet timed
+# end to end.
 QUANTIZED_STEP_KEYS = {64: 128, 128: 128, 256: 128}
 STAGES = 2
 # Per head dim: the two consumers take turns at their exponentials (`_take_turn`), so that one's
@@ -516,7 +520,8 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
                 next_v_scale = gl.maximum(gl.load(v_descale), MIN_SCALE)
             mbarrier.wait(k_ready.index(slot), (n // STAGES) & 1)
             mbarrier.wait(v_ready.index(prev), ((n - 1) // STAGES) & 1)
-            # P_{j-1} packed first: its float32 registers are free before S_j takes its own.
+            # P_{j-1}'s operands first (one tile: packed here, so that its float32 registers are free
+            # before S_j takes its own; two tiles: packed at the end of step j-1, unpacked here).
             op_a, op_b = _operands(carried_a, carried_b, ROWS, BLOCK_N, p_layout)
             s_a, s_b = _scores(q, k_smem, kb_smem, slot, zero_a, zero_b, HEAD_DIM, BLOCK_N)
             o = _products(o, op_a, op_b, vt_smem, vtb_smem, prev, HEAD_DIM, BLOCK_N)
@@ -527,8 +532,9 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
             p_a, p_b, row_max, row_sum, alpha = _step_softmax(s_a, s_b, row_max, row_sum, rows, j * BLOCK_N,
                                                               full_end, seqlen_k, shift, qk_scale, n, CAUSAL, BLOCK_N,
                                                               a_layout, b_layout, FMA_SHARE, EXP_TURNS, LANE_SUMS, ME)
-            # P's e4m3 registers cannot be named in deps (Triton 3.6: "Unexpected bitwidth in
-            # WGMMAWaitGroupOp: 8"); the SASS shows ptxas keeps them until this wait.
+            # P's e4m3 operand registers cannot be named in deps (Triton 3.6: "Unexpected bitwidth
+            # in WGMMAWaitGroupOp: 8"); the SASS shows ptxas keeps them until this wait. Two tiles
+            # pack P_j only now, after the wait, into registers P_{j-1}'s operands no longer hold.
             o = warpgroup_mma_wait(0, deps=(o,))
             carried_a, carried_b = _carried(p_a, p_b, ROWS, BLOCK_N, p_layout)
             _named_arrive(FREE_ID + STAGES + prev, FREE_THREADS)

@@ -18,14 +18,15 @@ kernel's tile), with y the (rotated) block in float32:
     y8    = e4m3(clamp(y x (1 / scale), -448, 448))      round to nearest, ties to even
 
 and y ~= float(y8) * scale: the scale is returned as the descale, float32 (B, H, blocks). A block
-with scale 0 (all zeros, or too small for amax / 448 to be a normal float32) gets scale 1.0 so
-that the descale stays finite and positive; its entries round to 0 (or to e4m3's subnormals).
+with scale 0 (all zeros, or so small that amax / 448 underflows to 0) gets scale 1.0 so that the
+descale stays finite and positive; its entries round to 0 (or to e4m3's subnormals).
 1 / scale is rounded to float32 once a block, and each entry multiplied by it: a division per
 entry cost the kernel more than its memory traffic. A subnormal scale, whose reciprocal would
 overflow, divides instead.
 Rounding to e4m3 keeps 3 mantissa bits: a relative error of at most 2^-4 for |y / scale| >= 2^-6,
 an absolute one of at most 2^-10 * scale below (e4m3's subnormal steps of 2^-9). Inputs must be
-finite: an inf or NaN makes the whole block's scale inf or NaN.
+finite: an inf makes the whole block's scale inf, and a NaN's results are undefined (the kernel's
+maximum skips it, the reference's scale becomes 1.0).
 
 V is not rotated (its rotation would have to be undone on the output) and is written transposed,
 (B, H, D, N_pad) with N contiguous: the K-major B operand that Hopper's FP8 wgmma reads for P V.
@@ -44,7 +45,7 @@ times 1 / sqrt(D); from D = 128 on as two dots of half the width and one butterf
 inputs go through the tensor cores; float32 inputs, and everything in Triton's CPU interpreter,
 through IEEE float32 dots. The kernel's sums are rounded to float32 as they go, in the order of
 its dots, so a rotated y, and with it the descale, can differ from the reference's by a few
-float32 ulps, and a value of y / scale that lies that close to the midpoint between two e4m3
+float32 ulps, and a value of y x (1 / scale) that lies that close to the midpoint between two e4m3
 values can round to the other one: rotated outputs match the reference's to one e4m3 step, and
 only now and then (in the interpreter, on random normal data: none in 3.7 million for 16-bit
 inputs, whose float32 sums are mostly exact, about 1 in 100,000 for float32 inputs). Without the
@@ -358,8 +359,8 @@ def _num_warps(head_dim: int, block_rows: int) -> int:
     # Enough warps that the float32 tile takes about 64 registers a thread (8 KiB a warp), 4 to 8.
     # On an H100, 128-row blocks (docs/data/fp8-quantize-reciprocal-h100-2026-12-06z.log, the
     # pass multiplying by 1 / scale): D = 64 rotated 70 us at 4 warps, 77 at 8; D = 256 rotated
-    # 499 at 8, 508 at 16, transposed 285 at 8, 371 at 16 (16 had been the fastest while the pass
-    # divided each entry).
+    # 499 at 8, 508 at 16, transposed 285 at 8, 371 at 16 (16 had been the fastest for the
+    # rotation at D = 256 while the pass divided each entry).
     tile_rows = 1 << (block_rows - 1).bit_length()  # the kernel's tile: the power of two at or above
     return min(8, max(4, tile_rows * head_dim // 2048))
 
