@@ -282,7 +282,8 @@ def assert_kernel_matches(x, block_rows, signs, transpose, what):
 @needs_kernel
 @pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotated"])
 @pytest.mark.parametrize("transpose", [False, True], ids=["nd", "dn"])
-@pytest.mark.parametrize("block_rows", [64, 128, 192])  # 192: a block that is not a power of two (a 256-row tile)
+# 192: a tile of 128 rows and one of 64; 112: not two powers of two, a 128-row tile with its last 16 masked
+@pytest.mark.parametrize("block_rows", [64, 112, 128, 192])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_kernel_matches_the_reference(head_dim, block_rows, transpose, rotate):
     dtype = (torch.float16, torch.bfloat16, torch.float32)[(head_dim // 64 + block_rows // 64 + transpose) % 3]
@@ -456,12 +457,13 @@ aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
 for dtype, head_dim, block_rows, rotate, transpose, key_order in (
         ("bf16", 128, 128, True, False, False), ("fp16", 256, 64, True, True, False),
         ("bf16", 128, 128, False, True, True), ("fp32", 64, 64, False, False, False),
-        ("bf16", 128, 192, False, True, True),  # 192-row blocks in 256-row tiles
+        ("bf16", 128, 192, False, True, True), ("bf16", 128, 192, True, False, False),  # tiles of 128 and 64 rows
         ("u8", 128, 128, False, True, True)):  # u8: `rearrange_v`'s copy of e4m3 bytes, no scaling
     scale = dtype != "u8"
     constexprs = dict(stride_xd=1, SCALE=scale, ROTATE=rotate, SPLIT=quantize._split(head_dim, rotate),
                       IEEE=dtype == "fp32", ROUND=False, TRANSPOSE=transpose, KEY_ORDER=key_order,
-                      BLOCK_ROWS=triton.next_power_of_2(block_rows), SCALE_ROWS=block_rows, HEAD_DIM=head_dim,
+                      BLOCK_ROWS=quantize._row_tiles(block_rows)[0], TAIL_ROWS=quantize._row_tiles(block_rows)[1],
+                      SCALE_ROWS=block_rows, HEAD_DIM=head_dim,
                       INV_SQRT_D=quantize._inv_sqrt(head_dim))
     types = {"X": "*" + dtype, "M": "*" + dtype, "Out": "*fp8e4nv" if scale else "*u8", "Descale": "*fp32"}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}

@@ -269,6 +269,63 @@ if triton is not None:
             return tl.dot(x.to(tl.float32), m, input_precision="ieee")
         return tl.dot(x, m)
 
+    @triton.jit
+    def _load_rows(X, M, x_base, stride_xn, stride_xd, row0, rows, seqlen,
+                   SCALE: tl.constexpr, ROTATE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                   SCALE_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, INV_SQRT_D: tl.constexpr):
+        """Rows row0 + rows of one (batch, head) (x_base), rotated (ROTATE) and in float32 (SCALE),
+        rows past seqlen or the block (SCALE_ROWS) as +0: (y, y_hi), y_hi the right half's where
+        SPLIT (`quantize_kernel`), else y again."""
+        row_ok = ((row0 + rows < seqlen) & (rows < SCALE_ROWS))[:, None]
+        x_rows = x_base + (row0 + rows)[:, None] * stride_xn
+        if SPLIT:
+            WIDTH: tl.constexpr = HEAD_DIM // 2
+        else:
+            WIDTH: tl.constexpr = HEAD_DIM
+        cols = tl.arange(0, WIDTH)
+        y = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_ok, other=0.0)
+        y_hi = y
+        if ROTATE:
+            # M is read once per tile (from L2 after the first), its top-left WIDTH square here.
+            y = _rotate_half(y, tl.load(M + cols[:, None] * HEAD_DIM + cols[None, :]), IEEE)
+            if SPLIT:
+                q = tl.load(x_rows + (WIDTH + cols)[None, :] * stride_xd, mask=row_ok, other=0.0)
+                q = _rotate_half(q, tl.load(M + (WIDTH + cols)[:, None] * HEAD_DIM + cols[None, :]), IEEE)
+                y, y_hi = y + q, y - q
+                y_hi = tl.where(row_ok, y_hi * INV_SQRT_D, 0.0)
+            # Masked rows are zeros, but may be -0 (a sum of -0 products): the transposed layout's
+            # padding must be +0.
+            y = tl.where(row_ok, y * INV_SQRT_D, 0.0)
+            if not SPLIT:
+                y_hi = y
+        elif SCALE:
+            y = y.to(tl.float32)
+            y_hi = y
+        return y, y_hi
+
+    @triton.jit
+    def _amax(y, y_hi, SPLIT: tl.constexpr):
+        amax = tl.max(tl.max(tl.abs(y), 1), 0)
+        if SPLIT:
+            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(y_hi), 1), 0))
+        return amax
+
+    @triton.jit
+    def _store_rows(out, row0, rows, y, y_hi, scale, out_rows, SCALE: tl.constexpr, ROUND: tl.constexpr,
+                    SPLIT: tl.constexpr, TRANSPOSE: tl.constexpr, KEY_ORDER: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    SCALE_ROWS: tl.constexpr):
+        """`_load_rows`'s (y, y_hi) for rows row0 + rows in e4m3 (`_store_e4m3`)."""
+        if SPLIT:
+            WIDTH: tl.constexpr = HEAD_DIM // 2
+        else:
+            WIDTH: tl.constexpr = HEAD_DIM
+        cols = tl.arange(0, WIDTH)
+        _store_e4m3(out, row0, rows, cols, y, scale, out_rows, SCALE, ROUND, TRANSPOSE, KEY_ORDER, HEAD_DIM,
+                    SCALE_ROWS)
+        if SPLIT:
+            _store_e4m3(out, row0, rows, WIDTH + cols, y_hi, scale, out_rows, SCALE, ROUND, TRANSPOSE, KEY_ORDER,
+                        HEAD_DIM, SCALE_ROWS)
+
     # Not specialised on the lengths: Triton would compile a variant per divisibility by 16 of
     # each, and with seqlen == 1 it gave wrong transposed tiles on an H100 (Triton 3.6). n16 (the
     # transposed layout's rows / 16) may be 1 too.
@@ -278,12 +335,14 @@ if triton is not None:
         stride_xb, stride_xh, stride_xn, stride_xd,
         heads, seqlen, n16,
         SCALE: tl.constexpr, ROTATE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr,
-        TRANSPOSE: tl.constexpr, KEY_ORDER: tl.constexpr, BLOCK_ROWS: tl.constexpr, SCALE_ROWS: tl.constexpr,
-        HEAD_DIM: tl.constexpr, INV_SQRT_D: tl.constexpr,
+        TRANSPOSE: tl.constexpr, KEY_ORDER: tl.constexpr, BLOCK_ROWS: tl.constexpr, TAIL_ROWS: tl.constexpr,
+        SCALE_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, INV_SQRT_D: tl.constexpr,
     ):
-        """One program: SCALE_ROWS rows of one (batch, head) (a tile of BLOCK_ROWS, the power of two
-        at or above), rotated (ROTATE), scaled by their amax and written as e4m3 with their descale. Grid: (row blocks, batch * heads). Without
-        SCALE, X's bytes (e4m3 as uint8) are written unchanged, with no descale: a layout copy.
+        """One program: SCALE_ROWS rows of one (batch, head), rotated (ROTATE), scaled by their amax
+        and written as e4m3 with their descale. Grid: (row blocks, batch * heads). The rows come in
+        a tile of BLOCK_ROWS and, where TAIL_ROWS > 0, one of TAIL_ROWS after it (`_row_tiles`:
+        192 = 128 + 64). Without SCALE, X's bytes (e4m3 as uint8) are written unchanged, with no
+        descale: a layout copy.
 
         M: the (HEAD_DIM, HEAD_DIM) rotation matrix diag(signs) H (ROTATE only). SPLIT: rotate
         with half of it, as H = [[H', H'], [H', -H']] (H' = H of HEAD_DIM / 2): with x = [a, b]
@@ -302,49 +361,46 @@ if triton is not None:
         b = (pid_bh // heads).to(tl.int64)
         h = (pid_bh % heads).to(tl.int64)
         row0 = pid_m.to(tl.int64) * SCALE_ROWS
-        rows = tl.arange(0, BLOCK_ROWS)
-        row_ok = ((row0 + rows < seqlen) & (rows < SCALE_ROWS))[:, None]
-        x_rows = X + b * stride_xb + h * stride_xh + (row0 + rows)[:, None] * stride_xn
+        x_base = X + b * stride_xb + h * stride_xh
         if TRANSPOSE:
             out_rows = n16.to(tl.int64) * 16
         else:
             out_rows = seqlen.to(tl.int64)
         out = Out + pid_bh.to(tl.int64) * HEAD_DIM * out_rows
-        if SPLIT:
-            WIDTH: tl.constexpr = HEAD_DIM // 2
-        else:
-            WIDTH: tl.constexpr = HEAD_DIM
-        cols = tl.arange(0, WIDTH)
-        y = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_ok, other=0.0)
-        if ROTATE:
-            # M is read once per program (from L2 after the first), its top-left WIDTH square here.
-            y = _rotate_half(y, tl.load(M + cols[:, None] * HEAD_DIM + cols[None, :]), IEEE)
-            if SPLIT:
-                q = tl.load(x_rows + (WIDTH + cols)[None, :] * stride_xd, mask=row_ok, other=0.0)
-                q = _rotate_half(q, tl.load(M + (WIDTH + cols)[:, None] * HEAD_DIM + cols[None, :]), IEEE)
-                y, y_hi = y + q, y - q
-                y_hi = tl.where(row_ok, y_hi * INV_SQRT_D, 0.0)
-            # Masked rows are zeros, but may be -0 (a sum of -0 products): the transposed layout's
-            # padding must be +0.
-            y = tl.where(row_ok, y * INV_SQRT_D, 0.0)
-        elif SCALE:
-            y = y.to(tl.float32)
+        rows = tl.arange(0, BLOCK_ROWS)
+        y, y_hi = _load_rows(X, M, x_base, stride_xn, stride_xd, row0, rows, seqlen, SCALE, ROTATE, SPLIT, IEEE,
+                             SCALE_ROWS, HEAD_DIM, INV_SQRT_D)
+        if TAIL_ROWS > 0:
+            tail = BLOCK_ROWS + tl.arange(0, TAIL_ROWS)
+            z, z_hi = _load_rows(X, M, x_base, stride_xn, stride_xd, row0, tail, seqlen, SCALE, ROTATE, SPLIT,
+                                 IEEE, SCALE_ROWS, HEAD_DIM, INV_SQRT_D)
         if SCALE:
-            amax = tl.max(tl.max(tl.abs(y), 1), 0)
-            if SPLIT:
-                amax = tl.maximum(amax, tl.max(tl.max(tl.abs(y_hi), 1), 0))
+            amax = _amax(y, y_hi, SPLIT)
+            if TAIL_ROWS > 0:
+                amax = tl.maximum(amax, _amax(z, z_hi, SPLIT))
             # div_rn: IEEE division, as PyTorch's; Triton's `/` is an approximate one on the GPU.
             scale = tl.math.div_rn(amax, 448.0)
             scale = tl.where(scale > 0, scale, 1.0)
         else:
             scale = 1.0  # unused: the e4m3 bytes are written as they were read
-        _store_e4m3(out, row0, rows, cols, y, scale, out_rows, SCALE, ROUND, TRANSPOSE, KEY_ORDER, HEAD_DIM,
+        _store_rows(out, row0, rows, y, y_hi, scale, out_rows, SCALE, ROUND, SPLIT, TRANSPOSE, KEY_ORDER, HEAD_DIM,
                     SCALE_ROWS)
-        if SPLIT:
-            _store_e4m3(out, row0, rows, WIDTH + cols, y_hi, scale, out_rows, SCALE, ROUND, TRANSPOSE, KEY_ORDER,
+        if TAIL_ROWS > 0:
+            _store_rows(out, row0, tail, z, z_hi, scale, out_rows, SCALE, ROUND, SPLIT, TRANSPOSE, KEY_ORDER,
                         HEAD_DIM, SCALE_ROWS)
         if SCALE:
             tl.store(Descale + pid_bh * tl.num_programs(0) + pid_m, scale)
+
+
+def _row_tiles(block_rows: int) -> tuple[int, int]:
+    """The quantization kernel's tiles for a block of `block_rows` rows (a multiple of 16): one of
+    block_rows where it is a power of two; else the largest power of two in it and the rest where
+    that is one too (192 = 128 + 64); else one of the power of two above, its last rows masked."""
+    first = 1 << (block_rows.bit_length() - 1)
+    rest = block_rows - first
+    if rest == 0 or rest & (rest - 1) == 0:
+        return first, rest
+    return 1 << block_rows.bit_length(), 0
 
 
 def _split(head_dim: int, rotate: bool) -> bool:
@@ -361,8 +417,7 @@ def _num_warps(head_dim: int, block_rows: int) -> int:
     # pass multiplying by 1 / scale): D = 64 rotated 70 us at 4 warps, 77 at 8; D = 256 rotated
     # 499 at 8, 508 at 16, transposed 285 at 8, 371 at 16 (16 had been the fastest for the
     # rotation at D = 256 while the pass divided each entry).
-    tile_rows = 1 << (block_rows - 1).bit_length()  # the kernel's tile: the power of two at or above
-    return min(8, max(4, tile_rows * head_dim // 2048))
+    return min(8, max(4, sum(_row_tiles(block_rows)) * head_dim // 2048))
 
 
 def head_dim_addressable(x: torch.Tensor) -> torch.Tensor:
@@ -377,8 +432,8 @@ def quantize(x, block_rows: int, signs=None, transpose: bool = False, key_order:
     descales without `signs`, and with them within the rotation's float32 rounding (module
     docstring: a few ulps in the descales, rarely an e4m3 value one step off).
 
-    Each program loads block_rows rows (any multiple of 16, in a tile of the power of two at or
-    above) of one (batch, head) through x's strides, rotates them by a `tl.dot` with
+    Each program loads block_rows rows (any multiple of 16, in one or two tiles: `_row_tiles`) of
+    one (batch, head) through x's strides, rotates them by a `tl.dot` with
     `rotation_matrix(signs)` (two of half the width for D >= 128), takes their amax and writes
     them in e4m3, transposed when asked, and their descale. Grid: (ceil(N /
     block_rows), B * H). Ragged last blocks are masked: their missing rows count as zeros for the
@@ -406,10 +461,11 @@ def quantize(x, block_rows: int, signs=None, transpose: bool = False, key_order:
     interpreted = x.device.type == "cpu"  # CPU tensors: the interpreter
     ieee = interpreted or x.dtype == torch.float32
     matrix = x if signs is None else rotation_matrix(signs, torch.float32 if ieee else x.dtype, x.device)
+    tile_rows, tail_rows = _row_tiles(block_rows)
     quantize_kernel[(blocks, batch * heads)](
         x, matrix, out, descale, *x.stride(), heads, seqlen, n16, SCALE=True,
         ROTATE=signs is not None, SPLIT=_split(head_dim, signs is not None), IEEE=ieee, ROUND=interpreted,
-        TRANSPOSE=transpose, KEY_ORDER=key_order, BLOCK_ROWS=triton.next_power_of_2(block_rows), SCALE_ROWS=block_rows,
+        TRANSPOSE=transpose, KEY_ORDER=key_order, BLOCK_ROWS=tile_rows, TAIL_ROWS=tail_rows, SCALE_ROWS=block_rows,
         HEAD_DIM=head_dim, INV_SQRT_D=_inv_sqrt(head_dim), num_warps=num_warps or _num_warps(head_dim, block_rows))
     return out, descale
 
@@ -443,6 +499,6 @@ def rearrange_v(v: torch.Tensor) -> torch.Tensor:
     quantize_kernel[(blocks, batch * heads)](
         raw, raw, raw_out, raw_out, *v.stride(), heads, seqlen, n16,
         SCALE=False, ROTATE=False, SPLIT=False, IEEE=False, ROUND=False, TRANSPOSE=True, KEY_ORDER=True,
-        BLOCK_ROWS=block_rows, SCALE_ROWS=block_rows, HEAD_DIM=head_dim, INV_SQRT_D=1.0,
+        BLOCK_ROWS=block_rows, TAIL_ROWS=0, SCALE_ROWS=block_rows, HEAD_DIM=head_dim, INV_SQRT_D=1.0,
         num_warps=_num_warps(head_dim, block_rows))
     return out
