@@ -60,12 +60,14 @@ BLOCK_M = 128  # also the quantization block of Q
 STEP_KEYS = {64: 192, 128: 192, 256: 128}
 CAUSAL_STEP_KEYS = {64: 128, 128: 128, 256: 128}
 # Keys a step where K and V come with a descale per key block, quantized by the backend in blocks
-# of this many keys: 128. The quantization pass is slower in blocks of 192 (tiles of 256 rows;
-# H100, 2026-12-06, D = 128, rotated / transposed: 240 / 200 us against 165 / 129 at 128 rows,
+# of this many keys: 128. The quantization pass was slower in blocks of 192, each run as one padded
+# tile of 256 rows (H100, 2026-12-06, D = 128, rotated / transposed: 240 / 200 us against 165 / 129
+# at 128 rows,
 # bf16 (4, 32, 8192), `fp8-quantize-reciprocal-192-rows-h100-2026-12-06z.log`): about 37 us more a
 # 4k call, where 192-key steps with per-step descales gain 11-16 us (778 -> 796 TFLOP/s, the
-# `-06x` and `-06w` speed logs' sweeps). At 16k they gain about 138 us (816 -> 860): not yet timed
-# end to end.
+# `-06x` and `-06w` speed logs' sweeps). At 16k they gain about 138 us (816 -> 860). A 192-row
+# block now runs as two tiles (128 + 64 rows, `quantize._row_tiles`), with fewer registers: not yet
+# timed.
 QUANTIZED_STEP_KEYS = {64: 128, 128: 128, 256: 128}
 STAGES = 2
 # Per head dim: the two consumers take turns at their exponentials (`_take_turn`), so that one's
