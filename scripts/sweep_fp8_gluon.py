@@ -50,13 +50,14 @@ def main() -> None:
                          ("--lane-sums", "0 or 1 (hopper.LANE_SUMS: row sums per lane)")):
         parser.add_argument(flag, default="", help=f"comma-separated {values}; default the kernel's at each head dim")
     parser.add_argument("--head-dims", default="128,64")
+    parser.add_argument("--lengths", default="4096,16384", help="comma-separated sequence lengths (16k tokens a case)")
     args = parser.parse_args()
     # -1: the kernel's own setting at the head dim
     settings = list(itertools.product(*([int(x) for x in arg.split(",")] for arg in (
         args.stages, args.fma_shares or "-1", args.persistent, args.step_keys or "0", args.kv_block_descales,
         args.exp_turns or "-1", args.lane_sums or "-1"))))
     head_dims = tuple(int(x) for x in args.head_dims.split(","))
-    for d, n, causal, q, k, v, flops in prefill_cases(head_dims=head_dims, lengths=(4096, 16384)):
+    for d, n, causal, q, k, v, flops in prefill_cases(head_dims=head_dims, lengths=tuple(int(x) for x in args.lengths.split(","))):
         q8, k8, v8 = (t.to(FP8) for t in (q, k, v))
         ones = torch.ones(q.shape[0], q.shape[1], device="cuda")
         problem = build_problem(q8, k8, v8, causal=causal, descales=(ones, ones, ones))
