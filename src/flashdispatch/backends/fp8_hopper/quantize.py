@@ -21,8 +21,8 @@ and y ~= float(y8) * scale: the scale is returned as the descale, float32 (B, H,
 with scale 0 (all zeros, or so small that amax / 448 underflows to 0) gets scale 1.0 so that the
 descale stays finite and positive; its entries round to 0 (or to e4m3's subnormals).
 1 / scale is rounded to float32 once a block, and each entry multiplied by it: a division per
-entry cost the kernel more than its memory traffic. A subnormal scale, whose reciprocal would
-overflow, divides instead.
+entry cost the kernel more than its memory traffic. A subnormal scale divides instead: the
+reciprocals of most of them overflow float32.
 Rounding to e4m3 keeps 3 mantissa bits: a relative error of at most 2^-4 for |y / scale| >= 2^-6,
 an absolute one of at most 2^-10 * scale below (e4m3's subnormal steps of 2^-9). Inputs must be
 finite: an inf makes the whole block's scale inf, and a NaN's results are undefined (the kernel's
