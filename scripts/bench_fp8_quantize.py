@@ -1,7 +1,7 @@
 """Speed of the FP8 quantization kernel (`fp8_hopper/quantize.py`) on the GPU, beside a plain cast
 to float8 and a copy, and a check of its results against `quantize_reference`.
 
-    PYTHONPATH=src python scripts/bench_fp8_quantize.py [--block-rows 128] [--warps 4,8,16]
+    PYTHONPATH=src python scripts/bench_fp8_quantize.py [--block-rows 128] [--warps 4,8,16] [--head-dims 64,128,256]
 
 bfloat16 (B, H, N) = (4, 32, 8192) at D = 64, 128 and 256. First `quant-check: ok` or `quant-check:
 FAILED ...`: the kernel against the reference on random data, bit for bit without the rotation (and
@@ -38,9 +38,9 @@ def _line(case: str, seconds: float, nbytes: int) -> None:
     print(f"quant: {case:36s} {seconds * 1e6:8.1f} us {nbytes / seconds / 1e9:7.0f} GB/s", flush=True)
 
 
-def bench(block_rows: int, warps: list[int]) -> None:
+def bench(block_rows: int, warps: list[int], head_dims: list[int]) -> None:
     device = torch.device("cuda")
-    for head_dim in HEAD_DIMS:
+    for head_dim in head_dims:
         x = torch.randn(*SHAPE, head_dim, device=device).to(torch.bfloat16)
         signs = random_signs(head_dim, 0, device)
         elements = x.numel()
@@ -85,11 +85,11 @@ def mismatch(x, block_rows: int, signs, transpose: bool) -> str | None:
     return f"{differ} of {ref.numel()} values differ" if differ > 1e-3 * ref.numel() else None
 
 
-def check(block_rows: int) -> bool:
+def check(block_rows: int, head_dims: list[int]) -> bool:
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     failures = []
-    for head_dim in HEAD_DIMS:
+    for head_dim in head_dims:
         signs = random_signs(head_dim, 1, device)
         full = torch.randn(*SHAPE, head_dim, device=device, generator=gen).to(torch.bfloat16) * 3
         ragged = torch.randn(2, 1000, 3, head_dim, device=device, generator=gen).to(torch.float16).transpose(1, 2)
@@ -115,10 +115,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--block-rows", type=int, default=128)
     parser.add_argument("--warps", default="4,8,16", help="warp counts to time, comma-separated")
+    parser.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)), help="comma-separated")
     args = parser.parse_args()
+    head_dims = [int(d) for d in args.head_dims.split(",")]
     print(f"quant: {torch.cuda.get_device_name()}, bfloat16 (B, H, N) = {SHAPE}", flush=True)
-    ok = check(args.block_rows)
-    bench(args.block_rows, [int(w) for w in args.warps.split(",")])
+    ok = check(args.block_rows, head_dims)
+    bench(args.block_rows, [int(w) for w in args.warps.split(",")], head_dims)
     return 0 if ok else 1
 
 

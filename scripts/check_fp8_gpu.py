@@ -67,6 +67,8 @@ def exact() -> int:
     cases = [(2, 8, 2, 300, 300, 128, True), (2, 8, 8, 257, 513, 128, False), (1, 4, 1, 700, 200, 64, True),
              (3, 4, 4, 130, 1030, 64, False), (1, 4, 2, 1000, 1000, 256, True), (2, 4, 4, 129, 700, 256, False),
              (1, 16, 2, 4096, 4096, 128, True), (2, 8, 8, 5, 3000, 128, True),
+             # causal tiles go 4 heads at a time (hopper.CAUSAL_HEAD_GROUP): 6 heads leave a group of 2
+             (3, 2, 1, 600, 600, 128, True),
              # D = 128 non-causal: a last step whose second tile (192-key steps) lies past the keys;
              # more tiles than SMs (the persistent kernel takes several); 16k keys a row (sums that
              # would drift in an FP8 accumulator)

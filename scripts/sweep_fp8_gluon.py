@@ -49,13 +49,16 @@ def main() -> None:
                          ("--exp-turns", "0 (consumers free-running) or 1 (taking turns at the exponentials)"),
                          ("--lane-sums", "0 or 1 (hopper.LANE_SUMS: row sums per lane)")):
         parser.add_argument(flag, default="", help=f"comma-separated {values}; default the kernel's at each head dim")
+    parser.add_argument("--causal-head-groups", default="",
+                        help="comma-separated hopper.CAUSAL_HEAD_GROUP values (causal tiles in groups of that many "
+                        "heads); default the kernel's")
     parser.add_argument("--head-dims", default="128,64")
     parser.add_argument("--lengths", default="4096,16384", help="comma-separated sequence lengths (16k tokens a case)")
     args = parser.parse_args()
     # -1: the kernel's own setting at the head dim
     settings = list(itertools.product(*([int(x) for x in arg.split(",")] for arg in (
         args.stages, args.fma_shares or "-1", args.persistent, args.step_keys or "0", args.kv_block_descales,
-        args.exp_turns or "-1", args.lane_sums or "-1"))))
+        args.exp_turns or "-1", args.lane_sums or "-1", args.causal_head_groups or str(hopper.CAUSAL_HEAD_GROUP)))))
     head_dims = tuple(int(x) for x in args.head_dims.split(","))
     for d, n, causal, q, k, v, flops in prefill_cases(head_dims=head_dims, lengths=tuple(int(x) for x in args.lengths.split(","))):
         q8, k8, v8 = (t.to(FP8) for t in (q, k, v))
@@ -68,14 +71,18 @@ def main() -> None:
                     dict(hopper.CAUSAL_STEP_KEYS), dict(hopper.EXP_TURNS), dict(hopper.LANE_SUMS),
                     dict(hopper.QUANTIZED_STEP_KEYS))
         failures, checks, timed = [], {}, {}  # timed: name -> a call that sets its setting, then runs
-        for stages, fma_share, persistent, keys, kv_blocks, turns, lanes in settings:
+        head_group = hopper.CAUSAL_HEAD_GROUP
+        for stages, fma_share, persistent, keys, kv_blocks, turns, lanes, group in settings:
+            if group != settings[0][7] and not causal:
+                continue  # the head groups order causal tiles only
             def gluon(stages=stages, fma_share=fma_share, persistent=persistent, keys=keys, kv_blocks=kv_blocks,
-                      turns=turns, lanes=lanes):
+                      turns=turns, lanes=lanes, group=group):
                 hopper.STAGES = stages
                 hopper.FMA_SHARE = {**defaults[1], d: defaults[1][d] if fma_share < 0 else fma_share}
                 hopper.EXP_TURNS = {**defaults[5], d: defaults[5][d] if turns < 0 else bool(turns)}
                 hopper.LANE_SUMS = {**defaults[6], d: defaults[6][d] if lanes < 0 else bool(lanes)}
                 hopper.PERSISTENT = defaults[2] if persistent else ()
+                hopper.CAUSAL_HEAD_GROUP = group
                 hopper.STEP_KEYS = {**defaults[3], d: keys or defaults[3][d]}
                 hopper.CAUSAL_STEP_KEYS = {**defaults[4], d: keys or defaults[4][d]}
                 hopper.QUANTIZED_STEP_KEYS = {**defaults[7], d: keys or defaults[7][d]}
@@ -88,7 +95,8 @@ def main() -> None:
             name = (f"gluon[{keys_now} keys, {hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE[d]}"
                     f"{', persistent' if d in hopper.PERSISTENT and not causal else ''}"
                     f"{', K/V descales per step' if kv_blocks else ''}{', exp turns' if hopper.EXP_TURNS[d] else ''}"
-                    f"{', sums per lane' if hopper.LANE_SUMS[d] else ''}]")
+                    f"{', sums per lane' if hopper.LANE_SUMS[d] else ''}"
+                    f"{f', heads in groups of {group}' if causal and group > 1 else ''}]")
             if result is None:
                 why = hopper._failure or "TMA cannot address the tensors"
                 failures.append(f"{name} fails ({why.splitlines()[0]})")
@@ -120,6 +128,7 @@ def main() -> None:
         seconds = median_times(list(timed.values()), "cuda", repeats=REPEATS, warm_seconds=WARM_SECONDS)
         (hopper.STAGES, hopper.FMA_SHARE, hopper.PERSISTENT, hopper.STEP_KEYS, hopper.CAUSAL_STEP_KEYS,
          hopper.EXP_TURNS, hopper.LANE_SUMS, hopper.QUANTIZED_STEP_KEYS) = defaults
+        hopper.CAUSAL_HEAD_GROUP = head_group
         rates = [f"{name} {flops / t / 1e12:.0f}" + (f" ({checks[name]})" if name in checks else "")
                  for name, t in zip(timed, seconds)] + failures
         print(f"sweep: D={d} N={n} causal={causal}: " + ", ".join(rates) + " TFLOP/s", flush=True)

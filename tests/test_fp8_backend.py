@@ -531,7 +531,8 @@ for head_dim, causal, keys, kv_block_scales, lane_sums in cases:
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper.BLOCK_M, BLOCK_N=keys,
                       STAGES=hopper.STAGES, FMA_SHARE=hopper.FMA_SHARE[head_dim], KV_BLOCK_SCALES=kv_block_scales,
                       EXP_TURNS=hopper.EXP_TURNS[head_dim], LANE_SUMS=lane_sums,
-                      PERSISTENT=head_dim in hopper.PERSISTENT and not causal)
+                      PERSISTENT=head_dim in hopper.PERSISTENT and not causal,
+                      HEAD_GROUP=hopper.CAUSAL_HEAD_GROUP if causal else 1)
     types = {"Out": "*bf16", "Lse": "*fp32", "QDescale": "*fp32", "KDescale": "*fp32", "VDescale": "*fp32",
              "scale_log2": "fp32", **{name: mangle_type(d) for name, d in descs.items()}}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashdispatch.backends.fp8_hopper.quantize import (FP8_MAX, hadamard_rotate, permute_keys, quantize,
+from flashdispatch.backends.fp8_hopper.quantize import (FP8_MAX, _num_warps, hadamard_rotate, permute_keys, quantize,
                                                           quantize_reference, random_signs, rearrange_v,
                                                           rotation_matrix)
 
@@ -292,6 +292,14 @@ def test_kernel_matches_the_reference(head_dim, block_rows, transpose, rotate):
     assert_kernel_matches(x, block_rows, signs, transpose, f"{dtype} D={head_dim} block_rows={block_rows}")
 
 
+@pytest.mark.parametrize("block_rows", [16, 64, 112, 128, 192, 256, 1024])
+@pytest.mark.parametrize("head_dim", [16, 64, 128, 256])
+def test_kernel_launches_a_power_of_two_warps(head_dim, block_rows):
+    # The interpreter takes any count; the GPU compiler refuses 6 (D = 64, 192-row blocks once asked for it).
+    warps = _num_warps(head_dim, block_rows)
+    assert warps in (4, 8), (head_dim, block_rows, warps)
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("seqlen", [1, 17, 128, 129])
@@ -458,6 +466,7 @@ for dtype, head_dim, block_rows, rotate, transpose, key_order in (
         ("bf16", 128, 128, True, False, False), ("fp16", 256, 64, True, True, False),
         ("bf16", 128, 128, False, True, True), ("fp32", 64, 64, False, False, False),
         ("bf16", 128, 192, False, True, True), ("bf16", 128, 192, True, False, False),  # tiles of 128 and 64 rows
+        ("bf16", 64, 192, False, True, True),  # 6 warps' worth of rows: 4 (Triton takes powers of two)
         ("u8", 128, 128, False, True, True)):  # u8: `rearrange_v`'s copy of e4m3 bytes, no scaling
     scale = dtype != "u8"
     constexprs = dict(stride_xd=1, SCALE=scale, ROTATE=rotate, SPLIT=quantize._split(head_dim, rotate),

@@ -93,9 +93,12 @@ def _kernel_note(problem: Problem) -> str:
     return f"kernel: the portable Triton one (kernel.py), slower: the Gluon one does not take this: {'; '.join(reasons)}"
 
 
-def quantization_blocks(problem: Problem) -> tuple[int, int]:
-    """(query rows, keys) per quantization block: the tile of the kernel that will run."""
-    return hopper_tile(problem.head_dim) if _warp_specialized(problem) else tiles(problem.head_dim, problem.causal)[:2]
+def quantization_blocks(problem: Problem, warp_specialized: bool | None = None) -> tuple[int, int]:
+    """(query rows, keys) per quantization block: the tile of the Gluon kernel (warp_specialized)
+    or the portable one; None: of the one that will run."""
+    if _warp_specialized(problem) if warp_specialized is None else warp_specialized:
+        return hopper_tile(problem.head_dim, problem.causal)
+    return tiles(problem.head_dim, problem.causal)[:2]
 
 
 log = logging.getLogger("flashdispatch")
@@ -188,7 +191,7 @@ def _run(q, k, v, descales, v_in_kernel_layout, problem, warp_specialized):
     else:
         from .quantize import quantize
 
-        rows, keys = (hopper_tile(problem.head_dim) if warp_specialized else tiles(problem.head_dim, problem.causal)[:2])
+        rows, keys = quantization_blocks(problem, warp_specialized)
         signs = _rotation_signs(problem.head_dim, q.device)
         out_dtype = q.dtype
         q8, q_scales = quantize(q, rows, signs)
@@ -229,13 +232,13 @@ def _log_once(message: str) -> None:
         log.warning(message)
 
 
-def hopper_tile(head_dim: int) -> tuple[int, int]:
-    """The blocks the backend quantizes Q and K, V in for the Gluon kernel at `head_dim`: (query
-    rows, keys), its tile for inputs with a descale per block. Pre-quantized inputs, one descale
-    a head, may take longer key steps (`hopper.STEP_KEYS`)."""
+def hopper_tile(head_dim: int, causal: bool) -> tuple[int, int]:
+    """The blocks the backend quantizes Q and K, V in for the Gluon kernel at `head_dim`, with a
+    causal mask or not: (query rows, keys), its tile for inputs with a descale per block.
+    Pre-quantized inputs, one descale a head, may take other key steps (`hopper.STEP_KEYS`)."""
     from . import hopper
 
-    return hopper.BLOCK_M, hopper.step_keys(head_dim, False, per_block_descales=True)
+    return hopper.BLOCK_M, hopper.step_keys(head_dim, causal, per_block_descales=True)
 
 
 class KernelLayoutV(torch.Tensor):

@@ -59,16 +59,14 @@ BLOCK_M = 128  # also the quantization block of Q
 # D = 256's 192-key loop spills (its O takes 128 registers a thread).
 STEP_KEYS = {64: 192, 128: 192, 256: 128}
 CAUSAL_STEP_KEYS = {64: 128, 128: 128, 256: 128}
-# Keys a step where K and V come with a descale per key block, quantized by the backend in blocks
-# of this many keys: 128. The quantization pass was slower in blocks of 192, each run as one padded
-# tile of 256 rows (H100, 2026-12-06, D = 128, rotated / transposed: 240 / 200 us against 165 / 129
-# at 128 rows,
-# bf16 (4, 32, 8192), `fp8-quantize-reciprocal-192-rows-h100-2026-12-06z.log`): about 37 us more a
-# 4k call, where 192-key steps with per-step descales gain 11-16 us (778 -> 796 TFLOP/s, the
-# `-06x` and `-06w` speed logs' sweeps). At 16k they gain about 138 us (816 -> 860). A 192-row
-# block now runs as two tiles (128 + 64 rows, `quantize._row_tiles`), with fewer registers: not yet
-# timed.
-QUANTIZED_STEP_KEYS = {64: 128, 128: 128, 256: 128}
+# Keys a step without a causal mask where K and V come with a descale per key block, quantized by
+# the backend in blocks of this many keys (with a causal mask: CAUSAL_STEP_KEYS). H100, 2026-12-06
+# (`fp8-sweep-quantized-192-h100-2026-12-06aa.log`), the kernel alone, TFLOP/s at 4k, 16k, 128
+# against 192 keys: D = 128 794 / 830 against 814 / 874; D = 64 509 / 529 against 508 / 539
+# (causal 192 loses: D = 128 687 / 813 against 643 / 824). A 192-row quantization block runs as
+# two tiles (128 + 64 rows, `quantize._row_tiles`); one padded tile of 256 rows had cost D = 128
+# 240 / 200 us (rotated / transposed) against 165 / 129 at 128 rows (`...-06z.log`).
+QUANTIZED_STEP_KEYS = {64: 128, 128: 192, 256: 128}
 STAGES = 2
 # Per head dim: the two consumers take turns at their exponentials (`_take_turn`), so that one's
 # run on the special-function unit (MUFU) while the other's matmuls and row statistics run, where
@@ -95,6 +93,14 @@ LANE_SUMS = {64: True, 128: True, 256: True}
 # tiles: 288 key blocks for programs p = 0 mod 4, 240 for p = 3 mod 4), where one program per tile
 # lets the hardware hand the next tile to whichever SM is free.
 PERSISTENT = (64, 128)
+# Causal tiles go this many (batch, head) pairs at a time, row block by row block across them
+# (`_tile`); 1: head by head, whose last wave holds the last heads' long tiles alone. A model of 4k
+# causal (64 heads of 32 row blocks, 1 to 32 key blocks each, on 132 SMs that take the next tile
+# as one finishes) put groups of 4 6 % shorter. H100, 2026-12-06 (`fp8-sweep-head-groups-h100-
+# 2026-12-06aa.log`), D = 128 causal TFLOP/s at 4k, 8k, 16k for groups of 1, 2, 4, 8: 685 / 768 /
+# 833, 689 / 799 / 833, 715 / 796 / 826, 711 / 797 / 825; D = 64 at 4k, 8k, 1 against 4: 441 /
+# 496 against 451 / 503.
+CAUSAL_HEAD_GROUP = 4
 NUM_WARPS = 4  # the first consumer warpgroup; the second and the producer warp are worker partitions
 MAX_REGISTERS = 168
 # Scales are kept at or above float32's smallest normal number: a zero descale (FlashAttention-3's
@@ -203,14 +209,23 @@ def _pass_turn(row_sum, ME: gl.constexpr):
 
 @gluon.jit
 def _tile(t, geometry, BLOCK_M: gl.constexpr):
-    """Tile t of the grid's: (b, h, h_kv, m_block). Tiles go head by head (the programs at work at
-    once share K and V in L2), each head's row blocks last to first (with a causal mask the last
-    ones see the most keys: longest first)."""
-    seqlen_q, seqlen_k, heads, group, tiles = geometry
+    """Tile t of the grid's: (b, h, h_kv, m_block). Tiles go HEAD_GROUP (batch, head) pairs at a
+    time (the programs at work at once share their K and V in L2), within a group row block by row
+    block across its pairs, last row block first (with a causal mask the last ones see the most
+    keys: longest first). HEAD_GROUP 1: head by head."""
+    seqlen_q, seqlen_k, heads, group, tiles, HEAD_GROUP = geometry
     m_blocks = gl.cdiv(seqlen_q, BLOCK_M)
-    bh = t // m_blocks
+    if HEAD_GROUP > 1:
+        first = t // (HEAD_GROUP * m_blocks) * HEAD_GROUP  # the group's first (batch, head)
+        size = gl.minimum(tiles // m_blocks - first, HEAD_GROUP)  # the last group may be smaller
+        in_group = t - first * m_blocks
+        bh = first + in_group % size
+        from_last = in_group // size
+    else:
+        bh = t // m_blocks
+        from_last = t % m_blocks
     h = bh % heads
-    return bh // heads, h, h // group, m_blocks - 1 - t % m_blocks
+    return bh // heads, h, h // group, m_blocks - 1 - from_last
 
 
 @gluon.jit
@@ -223,7 +238,7 @@ def _load_tile(t, loads, queries, descs, smem, bars, geometry, CAUSAL: gl.conste
     q_desc, k_desc, kb_desc, vt_desc, vtb_desc = descs
     q_smem, k_smem, kb_smem, vt_smem, vtb_smem = smem
     q_ready, k_ready, v_ready = bars
-    seqlen_q, seqlen_k, heads, group, tiles = geometry
+    seqlen_q, seqlen_k, heads, group, tiles, _ = geometry
     TILE_A: gl.constexpr = _first_tile(BLOCK_N)
     TILE_B: gl.constexpr = BLOCK_N - TILE_A
     K_BYTES: gl.constexpr = k_desc.block_type.nbytes + (kb_desc.block_type.nbytes if TILE_B > 0 else 0)
@@ -461,7 +476,7 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
     to step (quantized here), else one per head (pre-quantized), read once."""
     q_smem, k_smem, kb_smem, vt_smem, vtb_smem = smem
     q_ready, k_ready, v_ready = bars
-    seqlen_q, seqlen_k, heads, group, tiles = geometry
+    seqlen_q, seqlen_k, heads, group, tiles, _ = geometry
     (QDescale, KDescale, VDescale, stride_qsb, stride_qsh, stride_qsm, stride_ksb, stride_ksh, stride_ksn,
      stride_vsb, stride_vsh, stride_vsn, q_scale_group, scale_log2) = scales
     Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh = outputs
@@ -607,7 +622,7 @@ def fp8_hopper_forward(
     seqlen_q, seqlen_k, heads, group, q_scale_group, scale_log2, batch_heads,
     CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr,
-    LANE_SUMS: gl.constexpr, PERSISTENT: gl.constexpr,
+    LANE_SUMS: gl.constexpr, PERSISTENT: gl.constexpr, HEAD_GROUP: gl.constexpr,
 ):
     """Grid: (programs,), each taking tiles (a row block of a (batch, query head)) program_id,
     program_id + programs, ... of the batch_heads x row blocks (`_tile`): as many programs as tiles,
@@ -640,7 +655,7 @@ def fp8_hopper_forward(
     descs = (q_desc, k_desc, kb_desc, vt_desc, vtb_desc)
     smem = (q_smem, k_smem, kb_smem, vt_smem, vtb_smem)
     bars = (q_ready, k_ready, v_ready)
-    geometry = (seqlen_q, seqlen_k, heads, group, gl.cdiv(seqlen_q, BLOCK_M) * batch_heads)
+    geometry = (seqlen_q, seqlen_k, heads, group, gl.cdiv(seqlen_q, BLOCK_M) * batch_heads, HEAD_GROUP)
     scales = (QDescale, KDescale, VDescale, stride_qsb, stride_qsh, stride_qsm, stride_ksb, stride_ksh, stride_ksn,
               stride_vsb, stride_vsh, stride_vsn, q_scale_group, scale_log2)
     outputs = (Out, Lse, stride_ob, stride_oh, stride_om, stride_lb, stride_lh)
@@ -705,9 +720,9 @@ def _block_strides(descale: torch.Tensor) -> tuple[int, int, int]:
 def step_keys(head_dim: int, causal: bool, per_block_descales: bool) -> int:
     """Keys a step of the kernel at head dim `head_dim`, with a causal mask or not, for K and V with
     one descale a head or (per_block_descales) one a key block: then also the block."""
-    if per_block_descales:
-        return QUANTIZED_STEP_KEYS[head_dim]
-    return (CAUSAL_STEP_KEYS if causal else STEP_KEYS)[head_dim]
+    if causal:
+        return CAUSAL_STEP_KEYS[head_dim]
+    return (QUANTIZED_STEP_KEYS if per_block_descales else STEP_KEYS)[head_dim]
 
 
 @functools.lru_cache(maxsize=None)
@@ -746,7 +761,8 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
                batch * heads_q, CAUSAL=problem.causal, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=keys, STAGES=STAGES,
                FMA_SHARE=FMA_SHARE[d], KV_BLOCK_SCALES=kv_block_scales,
                EXP_TURNS=EXP_TURNS[d], LANE_SUMS=LANE_SUMS[d],
-               PERSISTENT=persistent, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS, **extra)
+               PERSISTENT=persistent, HEAD_GROUP=CAUSAL_HEAD_GROUP if problem.causal else 1, num_warps=NUM_WARPS,
+               maxnreg=MAX_REGISTERS, **extra)
     except Exception as exc:  # noqa: BLE001 - fall back to the portable kernel, say so once
         if compile_only:
             raise

@@ -417,7 +417,9 @@ def _num_warps(head_dim: int, block_rows: int) -> int:
     # pass multiplying by 1 / scale): D = 64 rotated 70 us at 4 warps, 77 at 8; D = 256 rotated
     # 499 at 8, 508 at 16, transposed 285 at 8, 371 at 16 (16 had been the fastest for the
     # rotation at D = 256 while the pass divided each entry).
-    return min(8, max(4, sum(_row_tiles(block_rows)) * head_dim // 2048))
+    # Triton takes powers of two only (a 192-row block at D = 64 would ask for 6).
+    wanted = sum(_row_tiles(block_rows)) * head_dim // 2048
+    return min(8, max(4, 1 << max(wanted, 1).bit_length() - 1))
 
 
 def head_dim_addressable(x: torch.Tensor) -> torch.Tensor:
