@@ -46,8 +46,8 @@ def bench(block_rows: int, warps: list[int], head_dims: list[int]) -> None:
         elements = x.numel()
         _line(f"D={head_dim} clone", median_time(x.clone, device), 4 * elements)
         _line(f"D={head_dim} .to(float8_e4m3fn)", median_time(lambda: x.to(FP8), device), 3 * elements)
-        default = _num_warps(head_dim, block_rows)
         for mode in MODES:
+            default = _num_warps(head_dim, block_rows, mode == "rotated")
             for count in sorted(set(warps) | {default}):
                 seconds = median_time(lambda: quantize(x, block_rows, num_warps=count, **_args(mode, signs)), device)
                 mark = "*" if count == default else " "  # the kernel's own choice

@@ -292,11 +292,12 @@ def test_kernel_matches_the_reference(head_dim, block_rows, transpose, rotate):
     assert_kernel_matches(x, block_rows, signs, transpose, f"{dtype} D={head_dim} block_rows={block_rows}")
 
 
+@pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize("block_rows", [16, 64, 112, 128, 192, 256, 1024])
 @pytest.mark.parametrize("head_dim", [16, 64, 128, 256])
-def test_kernel_launches_a_power_of_two_warps(head_dim, block_rows):
+def test_kernel_launches_a_power_of_two_warps(head_dim, block_rows, rotate):
     # The interpreter takes any count; the GPU compiler refuses 6 (D = 64, 192-row blocks once asked for it).
-    warps = _num_warps(head_dim, block_rows)
+    warps = _num_warps(head_dim, block_rows, rotate)
     assert warps in (4, 8), (head_dim, block_rows, warps)
 
 
@@ -478,7 +479,7 @@ for dtype, head_dim, block_rows, rotate, transpose, key_order in (
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
     src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
                     attrs=aligned)
-    options = dict(num_warps=quantize._num_warps(head_dim, block_rows))
+    options = dict(num_warps=quantize._num_warps(head_dim, block_rows, rotate))
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
     case = (dtype, head_dim, block_rows, rotate, transpose)
     # Round to nearest even, saturating, in hardware; IEEE division (as PyTorch's). The copy converts nothing.

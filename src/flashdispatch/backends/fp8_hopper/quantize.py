@@ -411,12 +411,18 @@ def _split(head_dim: int, rotate: bool) -> bool:
     return rotate and head_dim >= 128
 
 
-def _num_warps(head_dim: int, block_rows: int) -> int:
+def _num_warps(head_dim: int, block_rows: int, rotate: bool) -> int:
     # Enough warps that the float32 tile takes about 64 registers a thread (8 KiB a warp), 4 to 8.
     # On an H100, 128-row blocks (docs/data/fp8-quantize-reciprocal-h100-2026-12-06z.log, the
     # pass multiplying by 1 / scale): D = 64 rotated 70 us at 4 warps, 77 at 8; D = 256 rotated
     # 499 at 8, 508 at 16, transposed 285 at 8, 371 at 16 (16 had been the fastest for the
     # rotation at D = 256 while the pass divided each entry).
+    # A rotated block in two tiles takes 4: over 8 warps the 64-row tile's dot splits its columns
+    # between the warpgroups, and its layout conversions go through shared memory (33 barriers in
+    # the PTX against 13). H100, D = 128, 192 rows (fp8-quantize-192-rows-h100-2026-12-06ab.log):
+    # rotated 185 us at 4 warps, 274 at 8, 300 at 16; transposed 137 / 135 / 138.
+    if rotate and _row_tiles(block_rows)[1]:
+        return 4
     # Triton takes powers of two only (a 192-row block at D = 64 would ask for 6).
     wanted = sum(_row_tiles(block_rows)) * head_dim // 2048
     return min(8, max(4, 1 << max(wanted, 1).bit_length() - 1))
@@ -468,7 +474,8 @@ def quantize(x, block_rows: int, signs=None, transpose: bool = False, key_order:
         x, matrix, out, descale, *x.stride(), heads, seqlen, n16, SCALE=True,
         ROTATE=signs is not None, SPLIT=_split(head_dim, signs is not None), IEEE=ieee, ROUND=interpreted,
         TRANSPOSE=transpose, KEY_ORDER=key_order, BLOCK_ROWS=tile_rows, TAIL_ROWS=tail_rows, SCALE_ROWS=block_rows,
-        HEAD_DIM=head_dim, INV_SQRT_D=_inv_sqrt(head_dim), num_warps=num_warps or _num_warps(head_dim, block_rows))
+        HEAD_DIM=head_dim, INV_SQRT_D=_inv_sqrt(head_dim),
+        num_warps=num_warps or _num_warps(head_dim, block_rows, signs is not None))
     return out, descale
 
 
@@ -502,5 +509,5 @@ def rearrange_v(v: torch.Tensor) -> torch.Tensor:
         raw, raw, raw_out, raw_out, *v.stride(), heads, seqlen, n16,
         SCALE=False, ROTATE=False, SPLIT=False, IEEE=False, ROUND=False, TRANSPOSE=True, KEY_ORDER=True,
         BLOCK_ROWS=block_rows, TAIL_ROWS=0, SCALE_ROWS=block_rows, HEAD_DIM=head_dim, INV_SQRT_D=1.0,
-        num_warps=_num_warps(head_dim, block_rows))
+        num_warps=_num_warps(head_dim, block_rows, rotate=False))
     return out
