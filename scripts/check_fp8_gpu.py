@@ -69,6 +69,8 @@ def exact() -> int:
              (1, 16, 2, 4096, 4096, 128, True), (2, 8, 8, 5, 3000, 128, True),
              # causal tiles go 4 heads at a time (hopper.CAUSAL_HEAD_GROUP): 6 heads leave a group of 2
              (3, 2, 1, 600, 600, 128, True),
+             # causal with 8k keys and more: 192-key steps (hopper.CAUSAL_LONG_KEYS), a ragged last one
+             (1, 2, 2, 300, 8200, 128, True),
              # D = 128 non-causal: a last step whose second tile (192-key steps) lies past the keys;
              # more tiles than SMs (the persistent kernel takes several); 16k keys a row (sums that
              # would drift in an FP8 accumulator)

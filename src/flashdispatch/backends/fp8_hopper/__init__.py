@@ -97,7 +97,7 @@ def quantization_blocks(problem: Problem, warp_specialized: bool | None = None) 
     """(query rows, keys) per quantization block: the tile of the Gluon kernel (warp_specialized)
     or the portable one; None: of the one that will run."""
     if _warp_specialized(problem) if warp_specialized is None else warp_specialized:
-        return hopper_tile(problem.head_dim, problem.causal)
+        return hopper_tile(problem.head_dim, problem.causal, problem.seqlen_k)
     return tiles(problem.head_dim, problem.causal)[:2]
 
 
@@ -232,13 +232,14 @@ def _log_once(message: str) -> None:
         log.warning(message)
 
 
-def hopper_tile(head_dim: int, causal: bool) -> tuple[int, int]:
+def hopper_tile(head_dim: int, causal: bool, seqlen_k: int) -> tuple[int, int]:
     """The blocks the backend quantizes Q and K, V in for the Gluon kernel at `head_dim`, with a
-    causal mask or not: (query rows, keys), its tile for inputs with a descale per block.
-    Pre-quantized inputs, one descale a head, may take other key steps (`hopper.STEP_KEYS`)."""
+    causal mask or not, for seqlen_k keys: (query rows, keys), its tile for inputs with a descale
+    per block. Pre-quantized inputs, one descale a head, may take other key steps
+    (`hopper.STEP_KEYS`)."""
     from . import hopper
 
-    return hopper.BLOCK_M, hopper.step_keys(head_dim, causal, per_block_descales=True)
+    return hopper.BLOCK_M, hopper.step_keys(head_dim, causal, True, seqlen_k)
 
 
 class KernelLayoutV(torch.Tensor):

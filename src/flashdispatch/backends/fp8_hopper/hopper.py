@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import torch
 import triton
@@ -67,6 +68,11 @@ CAUSAL_STEP_KEYS = {64: 128, 128: 128, 256: 128}
 # two tiles (128 + 64 rows, `quantize._row_tiles`); one padded tile of 256 rows had cost D = 128
 # 240 / 200 us (rotated / transposed) against 165 / 129 at 128 rows (`...-06z.log`).
 QUANTIZED_STEP_KEYS = {64: 128, 128: 192, 256: 128}
+# With a causal mask and at least this many keys (per head dim; absent: never), steps take the
+# keys they take without one. H100, 2026-12-06 (`fp8-sweep-causal-step-keys-h100-2026-12-06ac.log`,
+# heads in groups of 4), causal TFLOP/s at 4k / 8k / 16k, 128 against 192 keys: D = 128 701 / 779 /
+# 817 against 685 / 794 / 853; D = 64 458 / 513 / 542 against 428 / 495 / 534.
+CAUSAL_LONG_KEYS = {128: 8192}
 STAGES = 2
 # Per head dim: the two consumers take turns at their exponentials (`_take_turn`), so that one's
 # run on the special-function unit (MUFU) while the other's matmuls and row statistics run, where
@@ -717,10 +723,11 @@ def _block_strides(descale: torch.Tensor) -> tuple[int, int, int]:
     return (*descale.stride()[:2], descale.stride(2) if descale.dim() == 3 else 0)
 
 
-def step_keys(head_dim: int, causal: bool, per_block_descales: bool) -> int:
-    """Keys a step of the kernel at head dim `head_dim`, with a causal mask or not, for K and V with
-    one descale a head or (per_block_descales) one a key block: then also the block."""
-    if causal:
+def step_keys(head_dim: int, causal: bool, per_block_descales: bool, seqlen_k: int) -> int:
+    """Keys a step of the kernel at head dim `head_dim` for seqlen_k keys, with a causal mask or not,
+    for K and V with one descale a head or (per_block_descales) one a key block: then also the
+    block."""
+    if causal and seqlen_k < CAUSAL_LONG_KEYS.get(head_dim, math.inf):
         return CAUSAL_STEP_KEYS[head_dim]
     return (QUANTIZED_STEP_KEYS if per_block_descales else STEP_KEYS)[head_dim]
 
@@ -735,10 +742,10 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
     N_pad) with its keys in `quantize.permute_keys`'s order and zero padding, or None where TMA
     cannot address them; compile_only: the compiled kernel, not run.
     descales: float32 (q, k, v), each (B, H, blocks) (one per row block of BLOCK_M or key step of
-    `step_keys(D, causal, True)`) or (B, H) (one per head); q's head index is h // q_scale_group."""
+    `step_keys(D, causal, True, Nk)`) or (B, H) (one per head); q's head index is h // q_scale_group."""
     d = problem.head_dim
     kv_block_scales = descales[1].dim() == 3 or descales[2].dim() == 3
-    keys = step_keys(d, problem.causal, kv_block_scales)
+    keys = step_keys(d, problem.causal, kv_block_scales, problem.seqlen_k)
     tile_a, tile_b = step_tiles(keys)
     tile_b = tile_b or tile_a  # one tile: descriptors B are A's again, unused
     descriptors = (_descriptor(q8, [1, 1, BLOCK_M, d]), _descriptor(k8, [1, 1, tile_a, d]),
