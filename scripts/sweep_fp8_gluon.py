@@ -37,7 +37,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--stages", default=str(hopper.STAGES), help="comma-separated hopper.STAGES values")
     parser.add_argument("--persistent", default="1",
-                        help="comma-separated 0 (one program per tile) or 1 (one per SM at hopper.PERSISTENT's head dims)")
+                        help="comma-separated 0 (one program per tile), 1 (one per SM at hopper.PERSISTENT's head dims, "
+                        "causal at hopper.CAUSAL_PERSISTENT's) or 2 (causal too, in row block pairs)")
     parser.add_argument("--step-keys", default="",
                         help="comma-separated keys a step, causal or not, descales per head or per step (hopper.STEP_KEYS, "
                         "CAUSAL_STEP_KEYS, QUANTIZED_STEP_KEYS; 192: "
@@ -72,9 +73,12 @@ def main() -> None:
                     dict(hopper.QUANTIZED_STEP_KEYS))
         failures, checks, timed = [], {}, {}  # timed: name -> a call that sets its setting, then runs
         head_group = hopper.CAUSAL_HEAD_GROUP
+        causal_persistent = hopper.CAUSAL_PERSISTENT
         for stages, fma_share, persistent, keys, kv_blocks, turns, lanes, group in settings:
             if group != settings[0][7] and not causal:
                 continue  # the head groups order causal tiles only
+            if persistent == 2 and not causal and any(setting[2] == 1 for setting in settings):
+                continue  # 2 differs from 1 for causal tiles only
             def gluon(stages=stages, fma_share=fma_share, persistent=persistent, keys=keys, kv_blocks=kv_blocks,
                       turns=turns, lanes=lanes, group=group):
                 hopper.STAGES = stages
@@ -82,6 +86,7 @@ def main() -> None:
                 hopper.EXP_TURNS = {**defaults[5], d: defaults[5][d] if turns < 0 else bool(turns)}
                 hopper.LANE_SUMS = {**defaults[6], d: defaults[6][d] if lanes < 0 else bool(lanes)}
                 hopper.PERSISTENT = defaults[2] if persistent else ()
+                hopper.CAUSAL_PERSISTENT = (d,) if persistent == 2 else causal_persistent if persistent else ()
                 hopper.CAUSAL_HEAD_GROUP = group
                 hopper.STEP_KEYS = {**defaults[3], d: keys or defaults[3][d]}
                 hopper.CAUSAL_STEP_KEYS = {**defaults[4], d: keys or defaults[4][d]}
@@ -94,6 +99,7 @@ def main() -> None:
             keys_now = hopper.step_keys(d, causal, bool(kv_blocks), n)
             name = (f"gluon[{keys_now} keys, {hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE[d]}"
                     f"{', persistent' if d in hopper.PERSISTENT and not causal else ''}"
+                    f"{', persistent in row block pairs' if d in hopper.CAUSAL_PERSISTENT and causal else ''}"
                     f"{', K/V descales per step' if kv_blocks else ''}{', exp turns' if hopper.EXP_TURNS[d] else ''}"
                     f"{', sums per lane' if hopper.LANE_SUMS[d] else ''}"
                     f"{f', heads in groups of {group}' if causal and group > 1 else ''}]")
@@ -129,6 +135,7 @@ def main() -> None:
         (hopper.STAGES, hopper.FMA_SHARE, hopper.PERSISTENT, hopper.STEP_KEYS, hopper.CAUSAL_STEP_KEYS,
          hopper.EXP_TURNS, hopper.LANE_SUMS, hopper.QUANTIZED_STEP_KEYS) = defaults
         hopper.CAUSAL_HEAD_GROUP = head_group
+        hopper.CAUSAL_PERSISTENT = causal_persistent
         rates = [f"{name} {flops / t / 1e12:.0f}" + (f" ({checks[name]})" if name in checks else "")
                  for name, t in zip(timed, seconds)] + failures
         print(f"sweep: D={d} N={n} causal={causal}: " + ", ".join(rates) + " TFLOP/s", flush=True)

@@ -99,6 +99,10 @@ LANE_SUMS = {64: True, 128: True, 256: True}
 # tiles: 288 key blocks for programs p = 0 mod 4, 240 for p = 3 mod 4), where one program per tile
 # lets the hardware hand the next tile to whichever SM is free.
 PERSISTENT = (64, 128)
+# Head dims whose causal tiles also run persistent, each program taking pairs of a head's row
+# blocks r and last - r (`_paired_tile`): every pair sees about the same number of keys, so
+# round-robin over pairs stays even, and the next tile's loads overlap the last one's end.
+CAUSAL_PERSISTENT = ()
 # Causal tiles go this many (batch, head) pairs at a time, row block by row block across them
 # (`_tile`); 1: head by head, whose last wave holds the last heads' long tiles alone. A model of 4k
 # causal (64 heads of 32 row blocks, 1 to 32 key blocks each, on 132 SMs that take the next tile
@@ -235,9 +239,35 @@ def _tile(t, geometry, BLOCK_M: gl.constexpr):
 
 
 @gluon.jit
-def _load_tile(t, loads, queries, descs, smem, bars, geometry, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+def _paired_tile(k, geometry, BLOCK_M: gl.constexpr):
+    """The k-th tile of this program's among persistent causal ones: (b, h, h_kv, m_block, valid).
+    Program p takes pairs p, p + programs, ...; pair i holds row blocks r and m_blocks - 1 - r of
+    one (batch, head), the longer first. valid: False for the second of a pair that is one row
+    block (the middle one where m_blocks is odd)."""
+    seqlen_q, seqlen_k, heads, group, tiles, _ = geometry
+    m_blocks = gl.cdiv(seqlen_q, BLOCK_M)
+    half = gl.cdiv(m_blocks, 2)
+    pair = gl.program_id(0) + k // 2 * gl.num_programs(0)
+    bh = pair // half
+    r = pair % half
+    m_block = gl.where(k % 2 == 0, m_blocks - 1 - r, r)
+    h = bh % heads
+    return bh // heads, h, h // group, m_block, (k % 2 == 0) | (r != m_blocks - 1 - r)
+
+
+@gluon.jit
+def _paired_tiles(geometry, BLOCK_M: gl.constexpr):
+    """How many tiles `_paired_tile` gives this program (two a pair, the invalid ones counted)."""
+    seqlen_q, seqlen_k, heads, group, tiles, _ = geometry
+    m_blocks = gl.cdiv(seqlen_q, BLOCK_M)
+    pairs = tiles // m_blocks * gl.cdiv(m_blocks, 2)
+    return 2 * gl.cdiv(gl.maximum(pairs - gl.program_id(0), 0), gl.num_programs(0))
+
+
+@gluon.jit
+def _load_tile(tile, loads, queries, descs, smem, bars, geometry, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
                BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The producer's part of tile t: its Q, once the consumers are done with the previous tile's,
+    """The producer's part of tile (b, h, h_kv, m_block): its Q, once the consumers are done with the previous tile's,
     then its K_i and V_i^T into their rings as the consumers hand buffers back. loads: key blocks
     loaded by this program so far (the n-th goes to ring slot n % STAGES); queries: tiles whose Q
     was loaded. Returns both, counting this tile's."""
@@ -249,7 +279,7 @@ def _load_tile(t, loads, queries, descs, smem, bars, geometry, CAUSAL: gl.conste
     TILE_B: gl.constexpr = BLOCK_N - TILE_A
     K_BYTES: gl.constexpr = k_desc.block_type.nbytes + (kb_desc.block_type.nbytes if TILE_B > 0 else 0)
     V_BYTES: gl.constexpr = vt_desc.block_type.nbytes + (vtb_desc.block_type.nbytes if TILE_B > 0 else 0)
-    b, h, h_kv, m_block = _tile(t, geometry, BLOCK_M)
+    b, h, h_kv, m_block = tile
     num_blocks, full_end = _key_blocks(m_block * BLOCK_M, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
     if num_blocks > 0:
         if queries > 0:
@@ -279,16 +309,25 @@ def _load_tile(t, loads, queries, descs, smem, bars, geometry, CAUSAL: gl.conste
 @gluon.jit
 def _producer(descs, smem, bars, geometry, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, PERSISTENT: gl.constexpr):
-    """The load warp: the program's tile, or with PERSISTENT tile after tile (`_load_tile`)."""
-    if PERSISTENT:
+    """The load warp: the program's tile, or with PERSISTENT tile after tile (`_load_tile`; causal:
+    `_paired_tile`'s)."""
+    if PERSISTENT and CAUSAL:
+        loads = 0
+        queries = 0
+        for k in range(_paired_tiles(geometry, BLOCK_M)):
+            b, h, h_kv, m_block, valid = _paired_tile(k, geometry, BLOCK_M)
+            if valid:
+                loads, queries = _load_tile((b, h, h_kv, m_block), loads, queries, descs, smem, bars, geometry,
+                                            CAUSAL, BLOCK_M, BLOCK_N, STAGES)
+    elif PERSISTENT:
         loads = 0
         queries = 0
         for t in range(gl.program_id(0), geometry[4], gl.num_programs(0)):
-            loads, queries = _load_tile(t, loads, queries, descs, smem, bars, geometry, CAUSAL, BLOCK_M, BLOCK_N,
-                                        STAGES)
+            loads, queries = _load_tile(_tile(t, geometry, BLOCK_M), loads, queries, descs, smem, bars, geometry,
+                                        CAUSAL, BLOCK_M, BLOCK_N, STAGES)
     else:
-        loads, queries = _load_tile(gl.program_id(0), 0, 0, descs, smem, bars, geometry, CAUSAL, BLOCK_M, BLOCK_N,
-                                    STAGES)
+        loads, queries = _load_tile(_tile(gl.program_id(0), geometry, BLOCK_M), 0, 0, descs, smem, bars, geometry,
+                                    CAUSAL, BLOCK_M, BLOCK_N, STAGES)
     # Take the last hand-backs too, so that no named barrier is left part-way at exit.
     for n in range(gl.maximum(loads - STAGES, 0), loads):
         _named_sync(FREE_ID + n % STAGES, FREE_THREADS)
@@ -471,11 +510,11 @@ def _step_softmax(s_a, s_b, row_max, row_sum, rows, n0, full_end, seqlen_k, shif
 
 
 @gluon.jit
-def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr,
+def _compute_tile(tile, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr,
                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                   FMA_SHARE: gl.constexpr, KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, LANE_SUMS: gl.constexpr,
                   ME: gl.constexpr):
-    """Compute warpgroup ME's part of tile t: rows ME * 64 .. ME * 64 + 63 of its row block, key
+    """Compute warpgroup ME's part of tile (b, h, h_kv, m_block): rows ME * 64 .. ME * 64 + 63 of its row block, key
     steps of BLOCK_N (one or two score tiles: `step_tiles`). uses: key steps used by this program
     so far (the n-th in ring slot n % STAGES, phase (n // STAGES) & 1); queries: tiles whose Q was
     used. Returns both, counting this tile's. KV_BLOCK_SCALES: K's and V's descales change from step
@@ -502,7 +541,7 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
     zero_a = gl.zeros([ROWS, TILE_A], gl.float32, layout=a_layout)
     zero_b = gl.zeros([ROWS, TILE_B if TILE_B > 0 else TILE_A], gl.float32, layout=b_layout)
 
-    b, h, h_kv, m_block = _tile(t, geometry, BLOCK_M)
+    b, h, h_kv, m_block = tile
     m0 = m_block * BLOCK_M
     q_scale = gl.load(QDescale + b * stride_qsb + (h // q_scale_group) * stride_qsh + m_block * stride_qsm) \
         * scale_log2
@@ -590,16 +629,28 @@ def _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSA
 def _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
               KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, LANE_SUMS: gl.constexpr, PERSISTENT: gl.constexpr, ME: gl.constexpr):
-    """Compute warpgroup ME (0 or 1): the program's tile, or with PERSISTENT tile after tile."""
-    if PERSISTENT:
+    """Compute warpgroup ME (0 or 1): the program's tile, or with PERSISTENT tile after tile (causal:
+    `_paired_tile`'s)."""
+    if PERSISTENT and CAUSAL:
+        uses = 0
+        queries = 0
+        for k in range(_paired_tiles(geometry, BLOCK_M)):
+            b, h, h_kv, m_block, valid = _paired_tile(k, geometry, BLOCK_M)
+            if valid:
+                uses, queries = _compute_tile((b, h, h_kv, m_block), uses, queries, smem, bars, geometry, scales,
+                                              outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
+                                              KV_BLOCK_SCALES, EXP_TURNS, LANE_SUMS, ME)
+    elif PERSISTENT:
         uses = 0
         queries = 0
         for t in range(gl.program_id(0), geometry[4], gl.num_programs(0)):
-            uses, queries = _compute_tile(t, uses, queries, smem, bars, geometry, scales, outputs, CAUSAL, HEAD_DIM,
-                                          BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, LANE_SUMS, ME)
+            uses, queries = _compute_tile(_tile(t, geometry, BLOCK_M), uses, queries, smem, bars, geometry, scales,
+                                          outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
+                                          KV_BLOCK_SCALES, EXP_TURNS, LANE_SUMS, ME)
     else:
-        uses, queries = _compute_tile(gl.program_id(0), 0, 0, smem, bars, geometry, scales, outputs, CAUSAL,
-                                      HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES, EXP_TURNS, LANE_SUMS, ME)
+        uses, queries = _compute_tile(_tile(gl.program_id(0), geometry, BLOCK_M), 0, 0, smem, bars, geometry, scales,
+                                      outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES,
+                                      EXP_TURNS, LANE_SUMS, ME)
     if EXP_TURNS and ME == 0 and uses > 0:  # take consumer 1's last hand-over: no named barrier left part-way
         _named_sync(TURN_ID, TURN_THREADS)
 
@@ -757,8 +808,10 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
     out = torch.empty(q8.shape, dtype=out_dtype, device=q8.device)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q8.device)
     tiles = triton.cdiv(seqlen_q, BLOCK_M) * batch * heads_q
-    persistent = d in PERSISTENT and not problem.causal
-    grid = (min(tiles, _sm_count(q8.device)) if persistent else tiles,)
+    persistent = d in (CAUSAL_PERSISTENT if problem.causal else PERSISTENT)
+    # Causal persistent programs take pairs of row blocks (`_paired_tile`).
+    work = tiles // triton.cdiv(seqlen_q, BLOCK_M) * triton.cdiv(seqlen_q, 2 * BLOCK_M) if problem.causal else tiles
+    grid = (min(work, _sm_count(q8.device)) if persistent else tiles,)
     kernel = fp8_hopper_forward.warmup if compile_only else fp8_hopper_forward[grid]
     extra = dict(grid=grid) if compile_only else {}
     try:
