@@ -314,8 +314,6 @@ def main() -> int:
     parser.add_argument("--step-keys", type=int, help="the Gluon kernel's keys a step at D = 128, causal or not, "
                         "pre-quantized or not (hopper.STEP_KEYS, CAUSAL_STEP_KEYS, QUANTIZED_STEP_KEYS), for every "
                         "part: 192 for steps of two score tiles")
-    parser.add_argument("--causal-persistent", help="head dims whose causal tiles run persistent, in row block "
-                        "pairs (hopper.CAUSAL_PERSISTENT), comma-separated, for every part")
     args = parser.parse_args()
     from flashdispatch.backends.fp8_hopper import hopper
 
@@ -323,8 +321,6 @@ def main() -> int:
         hopper.STEP_KEYS = {**hopper.STEP_KEYS, 128: args.step_keys}
         hopper.CAUSAL_STEP_KEYS = {**hopper.CAUSAL_STEP_KEYS, 128: args.step_keys}
         hopper.QUANTIZED_STEP_KEYS = {**hopper.QUANTIZED_STEP_KEYS, 128: args.step_keys}
-    if args.causal_persistent is not None:
-        hopper.CAUSAL_PERSISTENT = tuple(int(d) for d in args.causal_persistent.split(",") if d)
     if args.part == "plot":
         return plot(args.log, args.out, args.card)
     if args.part == "speed":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -38,7 +39,7 @@ def main() -> None:
     parser.add_argument("--stages", default=str(hopper.STAGES), help="comma-separated hopper.STAGES values")
     parser.add_argument("--persistent", default="1",
                         help="comma-separated 0 (one program per tile), 1 (one per SM at hopper.PERSISTENT's head dims, "
-                        "causal at hopper.CAUSAL_PERSISTENT's) or 2 (causal too, in row block pairs)")
+                        "causal where hopper.CAUSAL_PERSISTENT says) or 2 (causal too, at every length, in row block pairs)")
     parser.add_argument("--step-keys", default="",
                         help="comma-separated keys a step, causal or not, descales per head or per step (hopper.STEP_KEYS, "
                         "CAUSAL_STEP_KEYS, QUANTIZED_STEP_KEYS; 192: "
@@ -86,7 +87,8 @@ def main() -> None:
                 hopper.EXP_TURNS = {**defaults[5], d: defaults[5][d] if turns < 0 else bool(turns)}
                 hopper.LANE_SUMS = {**defaults[6], d: defaults[6][d] if lanes < 0 else bool(lanes)}
                 hopper.PERSISTENT = defaults[2] if persistent else ()
-                hopper.CAUSAL_PERSISTENT = (d,) if persistent == 2 else causal_persistent if persistent else ()
+                hopper.CAUSAL_PERSISTENT = ({d: math.inf} if persistent == 2 else causal_persistent if persistent
+                                            else {})
                 hopper.CAUSAL_HEAD_GROUP = group
                 hopper.STEP_KEYS = {**defaults[3], d: keys or defaults[3][d]}
                 hopper.CAUSAL_STEP_KEYS = {**defaults[4], d: keys or defaults[4][d]}
@@ -99,7 +101,7 @@ def main() -> None:
             keys_now = hopper.step_keys(d, causal, bool(kv_blocks), n)
             name = (f"gluon[{keys_now} keys, {hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE[d]}"
                     f"{', persistent' if d in hopper.PERSISTENT and not causal else ''}"
-                    f"{', persistent in row block pairs' if d in hopper.CAUSAL_PERSISTENT and causal else ''}"
+                    f"{', persistent in row block pairs' if causal and n < hopper.CAUSAL_PERSISTENT.get(d, 0) else ''}"
                     f"{', K/V descales per step' if kv_blocks else ''}{', exp turns' if hopper.EXP_TURNS[d] else ''}"
                     f"{', sums per lane' if hopper.LANE_SUMS[d] else ''}"
                     f"{f', heads in groups of {group}' if causal and group > 1 else ''}]")

@@ -522,6 +522,11 @@ cases = [(128, False, 128, True, True), (64, True, 128, False, True), (64, False
          (128, True, 192, False, True), (128, False, 192, True, True)]  # long causal; quantized non-causal
 for head_dim, causal, keys, kv_block_scales, lane_sums in cases:
     tile_a, tile_b = hopper.step_tiles(keys)
+    # As the backend runs them: causal tiles persistent at the step of short sequences
+    if causal:
+        persistent = head_dim in hopper.CAUSAL_PERSISTENT and keys == hopper.CAUSAL_STEP_KEYS[head_dim]
+    else:
+        persistent = head_dim in hopper.PERSISTENT
     q = torch.empty(2, 4, 256, head_dim, dtype=torch.float8_e4m3fn)
     vt = torch.empty(2, 4, head_dim, 256, dtype=torch.float8_e4m3fn)
     descs = {"q_desc": hopper._descriptor(q, [1, 1, hopper.BLOCK_M, head_dim]),
@@ -532,7 +537,7 @@ for head_dim, causal, keys, kv_block_scales, lane_sums in cases:
     constexprs = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=hopper.BLOCK_M, BLOCK_N=keys,
                       STAGES=hopper.STAGES, FMA_SHARE=hopper.FMA_SHARE[head_dim], KV_BLOCK_SCALES=kv_block_scales,
                       EXP_TURNS=hopper.EXP_TURNS[head_dim], LANE_SUMS=lane_sums,
-                      PERSISTENT=head_dim in hopper.PERSISTENT and not causal,
+                      PERSISTENT=persistent,
                       HEAD_GROUP=hopper.CAUSAL_HEAD_GROUP if causal else 1)
     types = {"Out": "*bf16", "Lse": "*fp32", "QDescale": "*fp32", "KDescale": "*fp32", "VDescale": "*fp32",
              "scale_log2": "fp32", **{name: mangle_type(d) for name, d in descs.items()}}
@@ -591,7 +596,6 @@ for head_dim, causal, keys, kv_block_scales, lane_sums in cases:
         runs = [end for end, count in ends if count]
         # 2 consumers, each at step 0 and in the loop; every hand-over after a wait, but consumer
         # 0's first (persistent programs keep a wait in step 0's code for their later tiles).
-        persistent = head_dim in hopper.PERSISTENT and not causal
         waits = [end for end, _ in ends].count("SYNC")
         unwaited = sum(end == "ARV" and (i == 0 or ends[i - 1][0] != "SYNC") for i, (end, _) in enumerate(ends))
         assert runs == ["ARV"] * 4 and exponentials == 0, (case, ends)

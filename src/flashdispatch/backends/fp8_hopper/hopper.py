@@ -99,10 +99,14 @@ LANE_SUMS = {64: True, 128: True, 256: True}
 # tiles: 288 key blocks for programs p = 0 mod 4, 240 for p = 3 mod 4), where one program per tile
 # lets the hardware hand the next tile to whichever SM is free.
 PERSISTENT = (64, 128)
-# Head dims whose causal tiles also run persistent, each program taking pairs of a head's row
-# blocks r and last - r (`_paired_tile`): every pair sees about the same number of keys, so
-# round-robin over pairs stays even, and the next tile's loads overlap the last one's end.
-CAUSAL_PERSISTENT = ()
+# Causal tiles run persistent too where they see fewer keys than this (per head dim; absent:
+# never), each program taking pairs of a head's row blocks r and last - r (`_paired_tile`): every
+# pair sees about the same number of keys, so round-robin over pairs stays even, and a tile's loads
+# overlap the last one's end. With more keys the last round of pairs leaves SMs idle longer than
+# the hardware's own order does. H100, 2026-12-06 (`fp8-sweep-causal-pairs-h100-2026-12-06ae.log`),
+# causal TFLOP/s at 4k / 8k / 16k, one program per tile against pairs: D = 128 703 / 791 / 841
+# against 719 / 752 / 794; D = 64 461 / 500 / 530 against 468 / 495 / 516.
+CAUSAL_PERSISTENT = {64: 8192, 128: 8192}
 # Causal tiles go this many (batch, head) pairs at a time, row block by row block across them
 # (`_tile`); 1: head by head, whose last wave holds the last heads' long tiles alone. A model of 4k
 # causal (64 heads of 32 row blocks, 1 to 32 key blocks each, on 132 SMs that take the next tile
@@ -808,7 +812,7 @@ def forward(q8, k8, vt8, descales, q_scale_group, out_dtype, problem, compile_on
     out = torch.empty(q8.shape, dtype=out_dtype, device=q8.device)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q8.device)
     tiles = triton.cdiv(seqlen_q, BLOCK_M) * batch * heads_q
-    persistent = d in (CAUSAL_PERSISTENT if problem.causal else PERSISTENT)
+    persistent = problem.seqlen_k < CAUSAL_PERSISTENT.get(d, 0) if problem.causal else d in PERSISTENT
     # Causal persistent programs take pairs of row blocks (`_paired_tile`).
     work = tiles // triton.cdiv(seqlen_q, BLOCK_M) * triton.cdiv(seqlen_q, 2 * BLOCK_M) if problem.causal else tiles
     grid = (min(work, _sm_count(q8.device)) if persistent else tiles,)
