@@ -94,10 +94,10 @@ FMA_SHARE = {64: 0, 128: 0, 256: 4}
 LANE_SUMS = {64: True, 128: True, 256: True}
 # Head dims with one program per SM, each taking tile after tile, not one program per tile (H100,
 # 2026-12-06, D = 128 non-causal: 792 against 762 TFLOP/s at 4k keys, 825 against 823 at 16k).
-# Not D = 256, whose loop spills with it (312 B at causal, sm_90a), and not causal: its tiles' work
-# differs, and taken round-robin (program p: tiles p, p + SMs, ...) it piles up (4k keys, 2048
-# tiles: 288 key blocks for programs p = 0 mod 4, 240 for p = 3 mod 4), where one program per tile
-# lets the hardware hand the next tile to whichever SM is free.
+# Not D = 256, whose loop spills with it (312 B at causal, sm_90a). Causal tiles differ in work:
+# taken round-robin (program p: tiles p, p + SMs, ...) it piles up (4k keys, 2048 tiles: 288 key
+# blocks for programs p = 0 mod 4, 240 for p = 3 mod 4), so they go in pairs (CAUSAL_PERSISTENT) or
+# one program per tile, the hardware handing the next tile to whichever SM is free.
 PERSISTENT = (64, 128)
 # Causal tiles run persistent too where they see fewer keys than this (per head dim; absent:
 # never), each program taking pairs of a head's row blocks r and last - r (`_paired_tile`): every
