@@ -260,12 +260,28 @@ def _paired_tile(k, geometry, BLOCK_M: gl.constexpr):
 
 
 @gluon.jit
-def _paired_tiles(geometry, BLOCK_M: gl.constexpr):
-    """How many tiles `_paired_tile` gives this program (two a pair, the invalid ones counted)."""
+def _persistent_range(geometry, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr):
+    """(start, stop, step) of a persistent program's tile numbers for `_persistent_tile`: every
+    programs-th from program_id, or with a causal mask the k of `_paired_tile`."""
     seqlen_q, seqlen_k, heads, group, tiles, _ = geometry
-    m_blocks = gl.cdiv(seqlen_q, BLOCK_M)
-    pairs = tiles // m_blocks * gl.cdiv(m_blocks, 2)
-    return 2 * gl.cdiv(gl.maximum(pairs - gl.program_id(0), 0), gl.num_programs(0))
+    if CAUSAL:
+        m_blocks = gl.cdiv(seqlen_q, BLOCK_M)
+        pairs = tiles // m_blocks * gl.cdiv(m_blocks, 2)
+        return 0, 2 * gl.cdiv(gl.maximum(pairs - gl.program_id(0), 0), gl.num_programs(0)), 1
+    else:
+        return gl.program_id(0), tiles, gl.num_programs(0)
+
+
+@gluon.jit
+def _persistent_tile(t, geometry, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr):
+    """Tile number t of `_persistent_range`'s: (b, h, h_kv, m_block, valid) (`_tile`, or with a
+    causal mask `_paired_tile`)."""
+    if CAUSAL:
+        b, h, h_kv, m_block, valid = _paired_tile(t, geometry, BLOCK_M)
+    else:
+        b, h, h_kv, m_block = _tile(t, geometry, BLOCK_M)
+        valid = True
+    return b, h, h_kv, m_block, valid
 
 
 @gluon.jit
@@ -313,22 +329,17 @@ def _load_tile(tile, loads, queries, descs, smem, bars, geometry, CAUSAL: gl.con
 @gluon.jit
 def _producer(descs, smem, bars, geometry, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, PERSISTENT: gl.constexpr):
-    """The load warp: the program's tile, or with PERSISTENT tile after tile (`_load_tile`; causal:
-    `_paired_tile`'s)."""
-    if PERSISTENT and CAUSAL:
+    """The load warp: the program's tile, or with PERSISTENT tile after tile (`_persistent_tile`),
+    each by `_load_tile`."""
+    if PERSISTENT:
         loads = 0
         queries = 0
-        for k in range(_paired_tiles(geometry, BLOCK_M)):
-            b, h, h_kv, m_block, valid = _paired_tile(k, geometry, BLOCK_M)
+        start, stop, step = _persistent_range(geometry, CAUSAL, BLOCK_M)
+        for t in range(start, stop, step):
+            b, h, h_kv, m_block, valid = _persistent_tile(t, geometry, CAUSAL, BLOCK_M)
             if valid:
                 loads, queries = _load_tile((b, h, h_kv, m_block), loads, queries, descs, smem, bars, geometry,
                                             CAUSAL, BLOCK_M, BLOCK_N, STAGES)
-    elif PERSISTENT:
-        loads = 0
-        queries = 0
-        for t in range(gl.program_id(0), geometry[4], gl.num_programs(0)):
-            loads, queries = _load_tile(_tile(t, geometry, BLOCK_M), loads, queries, descs, smem, bars, geometry,
-                                        CAUSAL, BLOCK_M, BLOCK_N, STAGES)
     else:
         loads, queries = _load_tile(_tile(gl.program_id(0), geometry, BLOCK_M), 0, 0, descs, smem, bars, geometry,
                                     CAUSAL, BLOCK_M, BLOCK_N, STAGES)
@@ -633,24 +644,18 @@ def _compute_tile(tile, uses, queries, smem, bars, geometry, scales, outputs, CA
 def _consumer(descs, smem, bars, geometry, scales, outputs, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, FMA_SHARE: gl.constexpr,
               KV_BLOCK_SCALES: gl.constexpr, EXP_TURNS: gl.constexpr, LANE_SUMS: gl.constexpr, PERSISTENT: gl.constexpr, ME: gl.constexpr):
-    """Compute warpgroup ME (0 or 1): the program's tile, or with PERSISTENT tile after tile (causal:
-    `_paired_tile`'s)."""
-    if PERSISTENT and CAUSAL:
+    """Compute warpgroup ME (0 or 1): the program's tile, or with PERSISTENT tile after tile
+    (`_persistent_tile`)."""
+    if PERSISTENT:
         uses = 0
         queries = 0
-        for k in range(_paired_tiles(geometry, BLOCK_M)):
-            b, h, h_kv, m_block, valid = _paired_tile(k, geometry, BLOCK_M)
+        start, stop, step = _persistent_range(geometry, CAUSAL, BLOCK_M)
+        for t in range(start, stop, step):
+            b, h, h_kv, m_block, valid = _persistent_tile(t, geometry, CAUSAL, BLOCK_M)
             if valid:
                 uses, queries = _compute_tile((b, h, h_kv, m_block), uses, queries, smem, bars, geometry, scales,
                                               outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
                                               KV_BLOCK_SCALES, EXP_TURNS, LANE_SUMS, ME)
-    elif PERSISTENT:
-        uses = 0
-        queries = 0
-        for t in range(gl.program_id(0), geometry[4], gl.num_programs(0)):
-            uses, queries = _compute_tile(_tile(t, geometry, BLOCK_M), uses, queries, smem, bars, geometry, scales,
-                                          outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE,
-                                          KV_BLOCK_SCALES, EXP_TURNS, LANE_SUMS, ME)
     else:
         uses, queries = _compute_tile(_tile(gl.program_id(0), geometry, BLOCK_M), 0, 0, smem, bars, geometry, scales,
                                       outputs, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, FMA_SHARE, KV_BLOCK_SCALES,
