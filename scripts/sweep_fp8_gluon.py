@@ -99,12 +99,13 @@ def main() -> None:
                 return hopper.forward(q8, k8, vt, descales, 1, torch.bfloat16, problem)
             result = gluon()
             keys_now = hopper.step_keys(d, causal, bool(kv_blocks), n)
+            pairs = causal and n < hopper.CAUSAL_PERSISTENT.get(d, 0)  # `hopper.forward`'s rule
             name = (f"gluon[{keys_now} keys, {hopper.STAGES} stages, fma 1/{hopper.FMA_SHARE[d]}"
                     f"{', persistent' if d in hopper.PERSISTENT and not causal else ''}"
-                    f"{', persistent in row block pairs' if causal and n < hopper.CAUSAL_PERSISTENT.get(d, 0) else ''}"
+                    f"{', persistent in row block pairs' if pairs else ''}"
                     f"{', K/V descales per step' if kv_blocks else ''}{', exp turns' if hopper.EXP_TURNS[d] else ''}"
                     f"{', sums per lane' if hopper.LANE_SUMS[d] else ''}"
-                    f"{f', heads in groups of {group}' if causal and group > 1 else ''}]")
+                    f"{f', heads in groups of {group}' if causal and group > 1 and not pairs else ''}]")
             if result is None:
                 why = hopper._failure or "TMA cannot address the tensors"
                 failures.append(f"{name} fails ({why.splitlines()[0]})")
